@@ -1,0 +1,52 @@
+"""Frame transforms and caption tokenisation shared by every benchmark."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from open_clip.tokenizer import SimpleTokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 RGB frames [n, H, W, 3] -> CLIP input [n, 3, S, S]: short side resized to S (bicubic), centre crop,
+    scaled to [0, 1] and normalised with CLIP's mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    if min(x.shape[-2:]) != image_size:
+        x = TF.resize(x, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if x.shape[-2:] != (image_size, image_size):
+        x = TF.center_crop(x, [image_size, image_size])
+    return TF.normalize(x.float().div_(255), CLIP_MEAN, CLIP_STD)
+
+
+@lru_cache(maxsize=1)
+def _bpe() -> SimpleTokenizer:
+    return SimpleTokenizer()  # reads the BPE vocabulary shipped inside open_clip; nothing is downloaded
+
+
+class CaptionTokenizer:
+    """CLIP BPE with `max_words` truncation that keeps SOS and EOS: ids [L] and mask [L], zero-padded."""
+
+    def __init__(self, max_words: int):
+        if max_words < 2:
+            raise ValueError("max_words must leave room for the start and end tokens (>= 2)")
+        self.max_words = max_words
+
+    @lru_cache(maxsize=65536)  # captions repeat across epochs; BPE is the slow part
+    def _ids(self, caption: str) -> tuple[int, ...]:
+        bpe = _bpe()
+        pieces = bpe.encode(caption)[: self.max_words - 2]
+        return (bpe.sot_token_id, *pieces, bpe.eot_token_id)
+
+    def __call__(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self._ids(caption)
+        out = torch.zeros(self.max_words, dtype=torch.long)
+        out[: len(ids)] = torch.tensor(ids)
+        mask = torch.zeros(self.max_words, dtype=torch.long)
+        mask[: len(ids)] = 1
+        return out, mask

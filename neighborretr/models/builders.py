@@ -1,0 +1,57 @@
+"""Model builders: the `_target_`s of configs/model/*.yaml. Each returns a ready RetrievalModel."""
+
+from __future__ import annotations
+
+from neighborretr.models.backbone import build_open_clip, build_tiny_clip
+from neighborretr.models.retrieval_model import RetrievalModel
+
+
+def tiny(
+    embed_dim: int = 128,
+    image_size: int = 64,
+    patch_size: int = 8,
+    width: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    context_length: int = 32,
+    temporal_layers: int = 2,
+    max_frames: int = 32,
+) -> RetrievalModel:
+    """A small random model for CPU runs: both towers `width` wide and `layers` deep."""
+    clip = build_tiny_clip(
+        embed_dim=embed_dim,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_width=width,
+        vision_layers=layers,
+        text_width=width,
+        text_layers=layers,
+        heads=heads,
+        context_length=context_length,
+        quick_gelu=False,
+    )
+    return RetrievalModel(clip, temporal_layers=temporal_layers, max_frames=max_frames, quick_gelu=False)
+
+
+def open_clip_model(
+    name: str = "ViT-B-32",
+    pretrained: str | None = None,
+    quick_gelu: bool = True,
+    temporal_layers: int = 4,
+    max_frames: int = 77,
+    freeze_patch_embed: bool = True,
+) -> RetrievalModel:
+    """Any open_clip CLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), random or pretrained.
+
+    Args:
+        pretrained: local checkpoint path (e.g. OpenAI's ViT-B-32.pt), an open_clip tag, or None (random).
+        quick_gelu: True for OpenAI weights, which were trained with QuickGELU.
+    """
+    clip = build_open_clip(name, pretrained=pretrained, quick_gelu=quick_gelu)
+    return RetrievalModel(
+        clip,
+        temporal_layers=temporal_layers,
+        max_frames=max_frames,
+        quick_gelu=quick_gelu,
+        freeze_patch_embed=freeze_patch_embed,
+    )

@@ -1,0 +1,102 @@
+"""The composed retrieval model: CLIP towers, temporal transformer and token-wise similarity head."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import torch
+from torch import nn
+
+from neighborretr.models.backbone import embed_dim, frame_features, text_token_features, text_tower_shape
+from neighborretr.models.similarity import TokenSimilarity
+from neighborretr.models.temporal import TemporalTransformer
+
+
+class RetrievalModel(nn.Module):
+    """Text-video retrieval model (the low level of NeighborRetr, spec §1.2-1.5).
+
+    Holds no loss, optimiser, memory bank or rank logic. `clip` is kept as a direct attribute so parameter names
+    start with "clip." (the optimiser's backbone group).
+    """
+
+    def __init__(
+        self,
+        clip: open_clip.CLIP,
+        temporal_layers: int = 4,
+        max_frames: int = 77,
+        quick_gelu: bool = True,
+        init_temporal_from_text: bool = True,
+        freeze_patch_embed: bool = True,
+    ):
+        super().__init__()
+        self.clip = clip
+        dim = embed_dim(clip)
+        text_width, text_heads = text_tower_shape(clip)
+        heads = text_heads if text_width == dim else max(1, dim // 64)
+        self.temporal = TemporalTransformer(dim, temporal_layers, heads, max_frames, quick_gelu=quick_gelu)
+        self.temporal_initialised_from_text = init_temporal_from_text and self.temporal.init_from_text_tower(clip)
+        self.sim_head = TokenSimilarity(dim)
+        if freeze_patch_embed:  # the official code freezes the patch embedding (visual.conv1)
+            clip.visual.conv1.weight.requires_grad_(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return embed_dim(self.clip)
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.context_length)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Learnable log of CLIP's inverse temperature (a 0-d parameter)."""
+        return self.clip.logit_scale
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids [B, L], mask [B, L] -> token features [B, L, D] in fp32 (padded positions are meaningless)."""
+        return text_token_features(self.clip, ids).float()
+
+    def encode_video(self, video: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """video [B, T, 3, H, W], mask [B, T] -> frame features after temporal aggregation [B, T, D], fp32."""
+        b, t = video.shape[:2]
+        frames = frame_features(self.clip, video.flatten(0, 1)).float().view(b, t, -1)
+        return self.temporal(frames, mask).float()
+
+    def similarity(
+        self, text: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Token-weighted similarity [Bt, Bv] of text features [Bt, L, D] with video features [Bv, N, D]."""
+        return self.sim_head(text, text_mask, video, video_mask)
+
+    def chunked_similarity(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        chunk_size: int = 256,
+    ) -> torch.Tensor:
+        """The same scores computed block by block without gradient (evaluation)."""
+        return self.sim_head.chunked(text, text_mask, video, video_mask, chunk_size)
+
+    def forward(
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Encodes a batch of pairs: returns {"text", "text_mask", "video", "video_mask"} features."""
+        return {
+            "text": self.encode_text(text_ids, text_mask),
+            "text_mask": text_mask,
+            "video": self.encode_video(video, video_mask),
+            "video_mask": video_mask,
+        }
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
+        """Keeps exp(logit_scale) <= max_scale, as CLIP and the official trainer do after every step."""
+        self.clip.logit_scale.clamp_(max=math.log(max_scale))

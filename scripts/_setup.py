@@ -1,0 +1,161 @@
+"""Config -> objects, shared by the entry points. The only place (with the scripts) that reads Hydra configs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import hydra
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list, set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from neighborretr.data.annotations import PARSERS, Record
+from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
+from neighborretr.data.sampler import EpochShuffleSampler
+
+log = logging.getLogger("neighborretr")
+# Accelerate logs every file it writes at INFO; keep the console for progress and results.
+logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _rank_zero_dir(path: str) -> str:
+    """Hydra's run dir on the main process; a throw-away dir on the others, which all write to the main
+    process's dir (broadcast in `shared_run_dir`), so a multi-process run has exactly one run folder."""
+    if os.environ.get("RANK", "0") == "0":
+        return path
+    return tempfile.mkdtemp(prefix="neighborretr_rank")
+
+
+OmegaConf.register_new_resolver("rank_zero_dir", _rank_zero_dir, replace=True, use_cache=True)
+
+
+def make_accelerator(cfg: DictConfig, with_tracker: bool) -> Accelerator:
+    logger = cfg.logger.name if with_tracker and cfg.logger.name != "none" else None
+    return Accelerator(
+        mixed_precision=cfg.trainer.mixed_precision,
+        gradient_accumulation_steps=cfg.trainer.get("grad_accum", 1),
+        cpu=cfg.trainer.get("cpu", False),
+        log_with=logger,
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step itself
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def shared_run_dir(accelerator: Accelerator) -> Path:
+    """The main process's Hydra output dir, known to every process."""
+    path = [HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(path)
+    return Path(path[0])
+
+
+def records(cfg: DictConfig, split: str) -> list[Record]:
+    parser = PARSERS.get(cfg.data.benchmark)
+    if parser is None:
+        raise ValueError(f"data.benchmark={cfg.data.benchmark!r} has no parser; available: {sorted(PARSERS)}")
+    return parser(
+        cfg.data.root, split, train_list=cfg.data.train_list, val_videos=cfg.data.val_videos, val_seed=cfg.data.val_seed
+    )
+
+
+def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accelerator: Accelerator):
+    """Stops before training with the list of missing/undecodable videos, or drops them when
+    data.skip_bad_videos=true. Every process checks (cheap at the sizes where it matters: a header read)."""
+    if not cfg.data.check_videos:
+        return split_records
+    every = [r for rs in split_records.values() for r in rs]
+    bad = find_bad_videos(every, cfg.data.video_dir, cfg.data.backend, progress=accelerator.is_main_process)
+    if not bad:
+        return split_records
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    if not cfg.data.skip_bad_videos:
+        raise SystemExit(
+            f"{len(bad)} video(s) are missing or cannot be decoded:\n{listing}{more}\n"
+            f"Fix: check data.video_dir={cfg.data.video_dir} (see data/README.md), re-encode the broken files "
+            "(scripts/prepare_videos.py), or pass data.skip_bad_videos=true to train without them."
+        )
+    bad_ids = {Path(p).stem for p in bad}
+    kept = {s: [r for r in rs if r.video_id not in bad_ids] for s, rs in split_records.items()}
+    log.warning("data.skip_bad_videos=true: skipping %d bad video(s):\n%s%s", len(bad), listing, more)
+    return kept
+
+
+def _dataset(cfg: DictConfig, recs: list[Record], train: bool, **kwargs) -> VideoTextDataset:
+    d = cfg.data
+    return VideoTextDataset(
+        recs, d.video_dir, d.max_words, d.max_frames, d.image_size, train=train, backend=d.backend, seed=cfg.seed,
+        **kwargs,
+    )
+
+
+def per_device_batch(cfg: DictConfig, accelerator: Accelerator) -> int:
+    share = accelerator.num_processes * accelerator.gradient_accumulation_steps
+    if cfg.data.batch_size % share:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} (global) is not divisible by processes x grad_accum = {share}"
+        )
+    return cfg.data.batch_size // share
+
+
+def train_loader(cfg: DictConfig, recs: list[Record], accelerator: Accelerator) -> DataLoader:
+    dataset = _dataset(cfg, recs, train=True)
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=per_device_batch(cfg, accelerator),
+        sampler=EpochShuffleSampler(len(dataset), seed=cfg.seed),
+        drop_last=True,  # the gathered global batch must have the same size on every rank
+        num_workers=workers,
+        persistent_workers=False,  # workers must see the dataset's epoch, set before each epoch
+        pin_memory=accelerator.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def eval_loaders(cfg: DictConfig, recs: list[Record]) -> tuple[DataLoader, DataLoader]:
+    """(captions loader, distinct-videos loader); every caption and every video is encoded once."""
+    first_per_video = list({r.video_id: r for r in reversed(recs)}.values())
+    texts = _dataset(cfg, recs, train=False, load_video=False)
+    videos = _dataset(cfg, first_per_video, train=False, load_text=False)
+    kw = dict(batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    return DataLoader(texts, **kw), DataLoader(videos, **kw)
+
+
+def check_model_data(model, cfg: DictConfig) -> None:
+    if model.image_size != cfg.data.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but the model expects {model.image_size} px frames")
+    if cfg.data.max_words > model.context_length:
+        raise ValueError(f"data.max_words={cfg.data.max_words} exceeds the text context {model.context_length}")
+
+
+def build_model(cfg: DictConfig):
+    return hydra.utils.instantiate(cfg.model)
+
+
+def init_tracker(accelerator: Accelerator, cfg: DictConfig, run_dir: Path, job_type: str) -> None:
+    if cfg.logger.name == "none":
+        return
+    wandb_kwargs = {
+        "name": f"{cfg.run_name}-{run_dir.name}",
+        "group": cfg.logger.group,
+        "tags": list(cfg.logger.tags),
+        "mode": cfg.logger.mode,
+        "dir": str(run_dir),
+        "job_type": job_type,
+    }
+    if cfg.logger.entity:
+        wandb_kwargs["entity"] = cfg.logger.entity
+    accelerator.init_trackers(
+        cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True), init_kwargs={"wandb": wandb_kwargs}
+    )
+
+
+def seed_everything(cfg: DictConfig) -> None:
+    set_seed(cfg.seed)

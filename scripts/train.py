@@ -1,0 +1,127 @@
+"""Train a retrieval model: python scripts/train.py experiment=synthetic_tiny (or under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from _setup import (
+    build_model,
+    check_model_data,
+    check_videos,
+    eval_loaders,
+    init_tracker,
+    make_accelerator,
+    records,
+    seed_everything,
+    shared_run_dir,
+    train_loader,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
+from neighborretr.eval.features import evaluate_split
+from neighborretr.eval.metrics import format_table
+from neighborretr.optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger("neighborretr")
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """trainer.resume: null, "latest" (newest checkpoint of any run named run_name), or a checkpoint folder."""
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "train_state.pt").exists() and not list(path.glob("*.safetensors")) and path.is_dir():
+            found = checkpoint_dirs(path)  # a run folder was given: take its newest checkpoint
+            path = found[-1] if found else path
+        if not path.is_dir():
+            raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint folder")
+        return path
+    runs = Path(cfg.output_root) / cfg.run_name
+    found = [c for d in runs.glob("*") if d != run_dir for c in checkpoint_dirs(d)]
+    if not found:
+        log.warning("trainer.resume=latest: no checkpoint under %s, starting from scratch", runs)
+        return None
+    return max(found, key=lambda c: c.stat().st_mtime)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> dict:
+    accelerator = make_accelerator(cfg, with_tracker=True)
+    seed_everything(cfg)
+    run_dir = shared_run_dir(accelerator)
+    resume_from = find_resume(cfg, run_dir)
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # continue in the original run folder
+        accelerator.print(f"resuming from {resume_from}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        name = "config.yaml" if resume_from is None else "config.resumed.yaml"
+        OmegaConf.save(cfg, run_dir / name, resolve=True)
+
+    splits = check_videos(cfg, {s: records(cfg, s) for s in ("train", "val", "test")}, accelerator)
+    model = build_model(cfg)
+    check_model_data(model, cfg)
+    criterion = hydra.utils.instantiate(cfg.loss)
+    o = cfg.optim
+    groups = param_groups(model, o.lr, o.weight_decay, o.backbone_lr_scale, no_decay=tuple(o.no_decay))
+    optimizer = build_optimizer(o.name, groups, o.lr, tuple(o.betas), o.eps, o.get("max_grad_norm", 1.0))
+    loader = train_loader(cfg, splits["train"], accelerator)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = cfg.trainer.epochs * (len(loader) // accelerator.gradient_accumulation_steps)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, total_steps, o.warmup))
+    val_loaders = accelerator.prepare(*eval_loaders(cfg, splits["val"]))
+    test_loaders = accelerator.prepare(*eval_loaders(cfg, splits["test"]))
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    init_tracker(accelerator, cfg, run_dir, job_type="train")
+    accelerator.print(
+        f"run dir {run_dir}\n{len(splits['train'])} train pairs, {len(splits['val'])} val and "
+        f"{len(splits['test'])} test captions; {accelerator.num_processes} process(es), "
+        f"{total_steps} optimiser steps"
+    )
+
+    t = cfg.trainer
+    fit_cfg = FitConfig(
+        epochs=t.epochs,
+        run_dir=run_dir,
+        max_grad_norm=t.max_grad_norm,
+        log_every=t.log_every,
+        checkpoint_every_steps=t.checkpoint_every_steps,
+        keep_checkpoints=t.keep_checkpoints,
+        select_metric=t.select_metric,
+        max_steps=t.max_steps,
+        abort_after_steps=t.abort_after_steps,
+        max_logit_scale=t.max_logit_scale,
+    )
+    chunk = cfg.eval.chunk_size
+    state = fit(
+        accelerator, model, criterion, optimizer, scheduler, loader,
+        lambda: evaluate_split(accelerator, model, *val_loaders, chunk_size=chunk), state, fit_cfg,
+    )
+
+    # The final test uses the model selected on the validation split, for both directions.
+    best = torch.load(run_dir / "best" / "model.pt", map_location="cpu", weights_only=True)
+    accelerator.unwrap_model(model).load_state_dict(best)
+    test = evaluate_split(accelerator, model, *test_loaders, chunk_size=chunk)
+    accelerator.log({f"test/{d}/{k}": v for d, m in test.items() for k, v in m.items()}, step=state.global_step)
+    results = {"test": test, "best_epoch": state.best_epoch, "best_val_score": state.best_score,
+               "select_metric": t.select_metric, "history": state.history}
+    if accelerator.is_main_process:
+        write_json(run_dir / "results.json", results)
+        accelerator.print(format_table(test, title=f"test ({len(splits['test'])} captions), epoch {state.best_epoch}"))
+        accelerator.print(f"results: {run_dir / 'results.json'}")
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
