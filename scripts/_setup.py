@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -14,9 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from neighborretr.data.annotations import PARSERS, Record
+from neighborretr.data.annotations import PARSERS, AnnotationError, Record
 from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
 from neighborretr.data.sampler import EpochShuffleSampler
+from neighborretr.data.video_io import VideoDecodeError
 
 log = logging.getLogger("neighborretr")
 # Accelerate logs every file it writes at INFO; keep the console for progress and results.
@@ -32,6 +35,24 @@ def _rank_zero_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("rank_zero_dir", _rank_zero_dir, replace=True, use_cache=True)
+
+
+def user_errors(main: Callable) -> Callable:
+    """Turns errors a user can fix (bad paths, malformed files, inconsistent settings) into a one-paragraph
+    message and exit status 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (AnnotationError, FileNotFoundError, VideoDecodeError, ConfigError) as err:
+            raise SystemExit(f"error: {err}") from err
+
+    return wrapper
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together."""
 
 
 def make_accelerator(cfg: DictConfig, with_tracker: bool) -> Accelerator:
@@ -58,7 +79,7 @@ def shared_run_dir(accelerator: Accelerator) -> Path:
 def records(cfg: DictConfig, split: str) -> list[Record]:
     parser = PARSERS.get(cfg.data.benchmark)
     if parser is None:
-        raise ValueError(f"data.benchmark={cfg.data.benchmark!r} has no parser; available: {sorted(PARSERS)}")
+        raise ConfigError(f"data.benchmark={cfg.data.benchmark!r} has no parser; available: {sorted(PARSERS)}")
     return parser(
         cfg.data.root, split, train_list=cfg.data.train_list, val_videos=cfg.data.val_videos, val_seed=cfg.data.val_seed
     )
@@ -98,7 +119,7 @@ def _dataset(cfg: DictConfig, recs: list[Record], train: bool, **kwargs) -> Vide
 def per_device_batch(cfg: DictConfig, accelerator: Accelerator) -> int:
     share = accelerator.num_processes * accelerator.gradient_accumulation_steps
     if cfg.data.batch_size % share:
-        raise ValueError(
+        raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} (global) is not divisible by processes x grad_accum = {share}"
         )
     return cfg.data.batch_size // share
@@ -130,9 +151,9 @@ def eval_loaders(cfg: DictConfig, recs: list[Record]) -> tuple[DataLoader, DataL
 
 def check_model_data(model, cfg: DictConfig) -> None:
     if model.image_size != cfg.data.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the model expects {model.image_size} px frames")
+        raise ConfigError(f"data.image_size={cfg.data.image_size} but the model expects {model.image_size} px frames")
     if cfg.data.max_words > model.context_length:
-        raise ValueError(f"data.max_words={cfg.data.max_words} exceeds the text context {model.context_length}")
+        raise ConfigError(f"data.max_words={cfg.data.max_words} exceeds the text context {model.context_length}")
 
 
 def build_model(cfg: DictConfig):

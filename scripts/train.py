@@ -18,6 +18,7 @@ from _setup import (
     seed_everything,
     shared_run_dir,
     train_loader,
+    user_errors,
 )
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,6 +52,7 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@user_errors
 def main(cfg: DictConfig) -> dict:
     accelerator = make_accelerator(cfg, with_tracker=True)
     seed_everything(cfg)

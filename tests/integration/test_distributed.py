@@ -1,0 +1,56 @@
+"""Two gloo processes on the CPU must give the loss and gradients of one process on the full batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neighborretr.losses import InfoNCECriterion
+from neighborretr.models.builders import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return tiny(image_size=32, width=64, embed_dim=64, heads=2, temporal_layers=1)
+
+
+def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(size, 8, dtype=torch.long)
+    mask[::3, 5:] = 0
+    vmask = torch.ones(size, 3, dtype=torch.long)
+    vmask[1::2, 2:] = 0
+    return {
+        "text_ids": torch.randint(1, 1000, (size, 8), generator=g),
+        "text_mask": mask,
+        "video": torch.randn(size, 3, 3, 32, 32, generator=g),
+        "video_mask": vmask,
+    }
+
+
+@pytest.mark.integration
+def test_two_processes_match_one_process_on_the_full_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests/integration/ddp_check.py"), str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ddp = torch.load(out)
+    assert ddp["world"] == 2
+
+    model = make_model()
+    batch = global_batch()
+    features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
+    loss = InfoNCECriterion()(model, features)["loss"]
+    loss.backward()
+    torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ddp["grads"].keys()
+    for name, grad in grads.items():  # encoder (before the gather) and head (after it) alike
+        torch.testing.assert_close(ddp["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
