@@ -111,7 +111,14 @@ def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accele
 def _dataset(cfg: DictConfig, recs: list[Record], train: bool, **kwargs) -> VideoTextDataset:
     d = cfg.data
     return VideoTextDataset(
-        recs, d.video_dir, d.max_words, d.max_frames, d.image_size, train=train, backend=d.backend, seed=cfg.seed,
+        recs,
+        d.video_dir,
+        d.max_words,
+        d.max_frames,
+        d.image_size,
+        train=train,
+        backend=d.backend,
+        seed=cfg.seed,
         **kwargs,
     )
 

@@ -106,8 +106,15 @@ def main(cfg: DictConfig) -> dict:
     )
     chunk = cfg.eval.chunk_size
     state = fit(
-        accelerator, model, criterion, optimizer, scheduler, loader,
-        lambda: evaluate_split(accelerator, model, *val_loaders, chunk_size=chunk), state, fit_cfg,
+        accelerator,
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        loader,
+        lambda: evaluate_split(accelerator, model, *val_loaders, chunk_size=chunk),
+        state,
+        fit_cfg,
     )
 
     # The final test uses the model selected on the validation split, for both directions.
@@ -115,8 +122,13 @@ def main(cfg: DictConfig) -> dict:
     accelerator.unwrap_model(model).load_state_dict(best)
     test = evaluate_split(accelerator, model, *test_loaders, chunk_size=chunk)
     accelerator.log({f"test/{d}/{k}": v for d, m in test.items() for k, v in m.items()}, step=state.global_step)
-    results = {"test": test, "best_epoch": state.best_epoch, "best_val_score": state.best_score,
-               "select_metric": t.select_metric, "history": state.history}
+    results = {
+        "test": test,
+        "best_epoch": state.best_epoch,
+        "best_val_score": state.best_score,
+        "select_metric": t.select_metric,
+        "history": state.history,
+    }
     if accelerator.is_main_process:
         write_json(run_dir / "results.json", results)
         accelerator.print(format_table(test, title=f"test ({len(splits['test'])} captions), epoch {state.best_epoch}"))

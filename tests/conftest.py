@@ -20,8 +20,16 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic_msrvtt(
-        root, num_train=24, num_test=8, captions_per_video=2, frame_size=32, num_frames=8, fps=8, seed=0,
-        workers=1, progress=False,
+        root,
+        num_train=24,
+        num_test=8,
+        captions_per_video=2,
+        frame_size=32,
+        num_frames=8,
+        fps=8,
+        seed=0,
+        workers=1,
+        progress=False,
     )
     return root
 
@@ -48,7 +56,8 @@ def run_script(script: str, overrides: list[str], cwd: Path, launcher: list[str]
     env = os.environ | {"WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        log = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{log}")
     return result
 
 

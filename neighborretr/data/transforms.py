@@ -29,6 +29,13 @@ def _bpe() -> SimpleTokenizer:
     return SimpleTokenizer()  # reads the BPE vocabulary shipped inside open_clip; nothing is downloaded
 
 
+@lru_cache(maxsize=65536)  # captions repeat every epoch and BPE is the slow part
+def _token_ids(caption: str, max_words: int) -> tuple[int, ...]:
+    bpe = _bpe()
+    pieces = bpe.encode(caption)[: max_words - 2]
+    return (bpe.sot_token_id, *pieces, bpe.eot_token_id)
+
+
 class CaptionTokenizer:
     """CLIP BPE with `max_words` truncation that keeps SOS and EOS: ids [L] and mask [L], zero-padded."""
 
@@ -37,14 +44,8 @@ class CaptionTokenizer:
             raise ValueError("max_words must leave room for the start and end tokens (>= 2)")
         self.max_words = max_words
 
-    @lru_cache(maxsize=65536)  # captions repeat across epochs; BPE is the slow part
-    def _ids(self, caption: str) -> tuple[int, ...]:
-        bpe = _bpe()
-        pieces = bpe.encode(caption)[: self.max_words - 2]
-        return (bpe.sot_token_id, *pieces, bpe.eot_token_id)
-
     def __call__(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self._ids(caption)
+        ids = _token_ids(caption, self.max_words)
         out = torch.zeros(self.max_words, dtype=torch.long)
         out[: len(ids)] = torch.tensor(ids)
         mask = torch.zeros(self.max_words, dtype=torch.long)

@@ -57,9 +57,7 @@ def build_tiny_clip(
         patch_size=patch_size,
         image_size=image_size,
     )
-    text_cfg = open_clip.CLIPTextCfg(
-        context_length=context_length, width=text_width, heads=heads, layers=text_layers
-    )
+    text_cfg = open_clip.CLIPTextCfg(context_length=context_length, width=text_width, heads=heads, layers=text_layers)
     return open_clip.CLIP(embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
 
 

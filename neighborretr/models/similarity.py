@@ -87,9 +87,7 @@ class TokenSimilarity(nn.Module):
         for ts in range(0, text.shape[0], chunk_size):
             t = slice(ts, ts + chunk_size)
             row = [
-                weighted_token_similarity(
-                    text[t], text_mask[t], wt[t], video[v], video_mask[v], wv[v]
-                ).float()
+                weighted_token_similarity(text[t], text_mask[t], wt[t], video[v], video_mask[v], wv[v]).float()
                 for v in (slice(vs, vs + chunk_size) for vs in range(0, video.shape[0], chunk_size))
             ]
             rows.append(torch.cat(row, dim=1))

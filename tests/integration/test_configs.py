@@ -36,7 +36,10 @@ def test_paper_recipe_values():
     cfg = _compose("train", ["experiment=msrvtt_vitb32"])
     assert (cfg.data.batch_size, cfg.data.max_words, cfg.data.max_frames, cfg.trainer.epochs) == (128, 24, 12, 5)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.backbone_lr_scale, cfg.optim.weight_decay) == (
-        "bertadam", 1e-4, 1e-3, 0.2,
+        "bertadam",
+        1e-4,
+        1e-3,
+        0.2,
     )
 
 

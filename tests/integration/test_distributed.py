@@ -37,8 +37,16 @@ def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_process_on_the_full_batch(tmp_path):
     out = tmp_path / "ddp.pt"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests/integration/ddp_check.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests/integration/ddp_check.py"),
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = torch.load(out)

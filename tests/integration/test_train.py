@@ -50,7 +50,8 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     )
     (run,) = _runs(out)
     results = json.loads((run / "results.json").read_text())
-    assert set(results["test"]) == {"t2v", "v2t"} and set(results["test"]["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+    assert set(results["test"]) == {"t2v", "v2t"}
+    assert set(results["test"]["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
     assert results["best_epoch"] in (0, 1) and len(results["history"]) == 2
     assert "R@1" in result.stdout and "t2v" in result.stdout  # the printed table
     assert (run / "config.yaml").is_file() and (run / "best" / "model.pt").is_file()
@@ -61,13 +62,18 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     (eval_dir,) = sorted((out / "eval").glob("*"))
     metrics = json.loads((eval_dir / "eval_test.json").read_text())
     # the evaluation script reproduces the training script's final test numbers from the same weights
-    assert metrics["t2v"] == pytest.approx(results["test"]["t2v"]) and metrics["v2t"] == pytest.approx(results["test"]["v2t"])
+    for direction in ("t2v", "v2t"):
+        assert metrics[direction] == pytest.approx(results["test"][direction])
     assert "R@1" in evaluated.stdout
 
 
 def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path):
-    common = [*TINY_OVERRIDES, f"data.root={tiny_synthetic}", "trainer.checkpoint_every_steps=2",
-              "trainer.keep_checkpoints=20"]
+    common = [
+        *TINY_OVERRIDES,
+        f"data.root={tiny_synthetic}",
+        "trainer.checkpoint_every_steps=2",
+        "trainer.keep_checkpoints=20",
+    ]
     run_script("train.py", [*common, f"output_root={tmp_path / 'a'}"], cwd=tmp_path)
     killed = run_script(
         "train.py", [*common, f"output_root={tmp_path / 'b'}", "trainer.abort_after_steps=7"], cwd=tmp_path, check=False
@@ -84,9 +90,10 @@ def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path):
     assert final_a.keys() == final_b.keys()
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], atol=1e-5, rtol=1e-5, msg=name)
-    assert json.loads((run_b / "results.json").read_text())["test"] == json.loads(
-        (run_a / "results.json").read_text()
-    )["test"]
+    assert (
+        json.loads((run_b / "results.json").read_text())["test"]
+        == json.loads((run_a / "results.json").read_text())["test"]
+    )
 
 
 def test_two_process_run_shares_one_run_dir(tiny_synthetic, tmp_path):

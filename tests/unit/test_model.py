@@ -52,9 +52,9 @@ def test_weighted_token_similarity_against_loops():
     got = weighted_token_similarity(text, tmask, wt, video, vmask, wv)
     for i in range(2):
         for j in range(3):
-            a = [[float(text[i, l] @ video[j, n]) * tmask[i, l] * vmask[j, n] for n in range(2)] for l in range(3)]
-            t2v = sum(wt[i, l] * max(a[l]) for l in range(3))
-            v2t = sum(wv[j, n] * max(a[l][n] for l in range(3)) for n in range(2))
+            a = [[float(text[i, w] @ video[j, n]) * tmask[i, w] * vmask[j, n] for n in range(2)] for w in range(3)]
+            t2v = sum(wt[i, w] * max(a[w]) for w in range(3))
+            v2t = sum(wv[j, n] * max(a[w][n] for w in range(3)) for n in range(2))
             assert got[i, j].item() == pytest.approx(float(t2v + v2t) / 2, abs=1e-6)
 
 

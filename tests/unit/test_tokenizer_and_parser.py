@@ -22,8 +22,10 @@ def test_tokenizer_keeps_start_and_end_when_truncating():
 
 def _write_msrvtt(root, train_ids, test_rows, captions):
     sentences = [{"sen_id": i, "video_id": v, "caption": c} for i, (v, c) in enumerate(captions)]
-    videos = [{"id": i, "video_id": v, "category": 0, "url": "", "start time": 0, "end time": 10, "split": "train"}
-              for i, v in enumerate(train_ids)]
+    videos = [
+        {"id": i, "video_id": v, "category": 0, "url": "", "start time": 0, "end time": 10, "split": "train"}
+        for i, v in enumerate(train_ids)
+    ]
     (root / "MSRVTT_data.json").write_text(json.dumps({"info": {}, "videos": videos, "sentences": sentences}))
     for name, ids in (("9k", train_ids), ("7k", train_ids[:2])):
         with open(root / f"MSRVTT_train.{name}.csv", "w", newline="") as f:

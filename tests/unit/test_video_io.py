@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
 from neighborretr.data.annotations import Record
+from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
 from neighborretr.data.video_io import VideoDecodeError, probe_video, read_frames, sample_frame_indices
 from tests.conftest import frame_numbers, write_numbered_video
 
