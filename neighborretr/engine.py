@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -91,6 +92,17 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Sets the epoch of a prepared loader's sampler (shuffle order) and of its dataset (random frame offsets).
+
+    A sharded Accelerate loader forwards `set_epoch` to its sampler only, not to the dataset, so the dataset
+    is told directly (workers are not persistent, so they see the new value).
+    """
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def train_one_epoch(
     accelerator: Accelerator,
     model: nn.Module,
@@ -104,7 +116,7 @@ def train_one_epoch(
     """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early."""
     unwrapped = accelerator.unwrap_model(model)
     model.train()
-    loader.set_epoch(state.epoch)
+    set_epoch(loader, state.epoch)
     batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
     bar = tqdm(
         total=len(loader),
@@ -168,10 +180,12 @@ def train_one_epoch(
 
 
 def save_best(accelerator: Accelerator, model: nn.Module, run_dir: Path) -> None:
-    """Writes the selected model's weights to run_dir/best/model.pt."""
+    """Writes the selected model's weights to run_dir/best/model.pt (every rank takes part, which sharded
+    setups such as FSDP need to assemble the full state dict)."""
+    state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         (run_dir / "best").mkdir(parents=True, exist_ok=True)
-        accelerator.save(accelerator.unwrap_model(model).state_dict(), run_dir / "best" / "model.pt")
+        accelerator.save(state, run_dir / "best" / "model.pt")
     accelerator.wait_for_everyone()
 
 
@@ -191,7 +205,8 @@ def fit(
     while state.epoch < cfg.epochs:
         finished = train_one_epoch(accelerator, model, criterion, optimizer, scheduler, train_loader, state, cfg)
         metrics = validate()
-        score = selection_score(metrics, cfg.select_metric)
+        # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
+        score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
         flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
         accelerator.log(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "score": score, **flat})

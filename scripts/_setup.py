@@ -149,6 +149,8 @@ def train_loader(cfg: DictConfig, recs: list[Record], accelerator: Accelerator) 
 
 def eval_loaders(cfg: DictConfig, recs: list[Record]) -> tuple[DataLoader, DataLoader]:
     """(captions loader, distinct-videos loader); every caption and every video is encoded once."""
+    if not recs:
+        raise ConfigError("the evaluation split is empty (for a held-out validation split, set data.val_videos > 0)")
     first_per_video = list({r.video_id: r for r in reversed(recs)}.values())
     texts = _dataset(cfg, recs, train=False, load_video=False)
     videos = _dataset(cfg, first_per_video, train=False, load_text=False)
@@ -157,6 +159,9 @@ def eval_loaders(cfg: DictConfig, recs: list[Record]) -> tuple[DataLoader, DataL
 
 
 def check_model_data(model, cfg: DictConfig) -> None:
+    positions = model.temporal.frame_position_embeddings.num_embeddings
+    if cfg.data.max_frames > positions:
+        raise ConfigError(f"data.max_frames={cfg.data.max_frames} exceeds the model's {positions} frame positions")
     if model.image_size != cfg.data.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size} but the model expects {model.image_size} px frames")
     if cfg.data.max_words > model.context_length:

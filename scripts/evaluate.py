@@ -53,6 +53,8 @@ def main(cfg: DictConfig) -> dict:
     run_cfg.data = OmegaConf.merge(run_cfg.data, overrides)
     run_cfg.eval, run_cfg.trainer.mixed_precision = cfg.eval, cfg.trainer.mixed_precision
 
+    if "pretrained" in run_cfg.model:  # the checkpoint replaces the backbone weights: do not load them twice
+        run_cfg.model.pretrained = None
     accelerator = make_accelerator(run_cfg, with_tracker=False)
     out_dir = shared_run_dir(accelerator)
     split_records = check_videos(run_cfg, {cfg.split: records(run_cfg, cfg.split)}, accelerator)[cfg.split]

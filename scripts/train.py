@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -31,24 +32,27 @@ log = logging.getLogger("neighborretr")
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """trainer.resume: null, "latest" (newest checkpoint of any run named run_name), or a checkpoint folder."""
+    """trainer.resume: null, "latest" (newest checkpoint of any run named run_name), a run folder (its newest
+    checkpoint) or a checkpoints/step_* folder."""
     resume = cfg.trainer.resume
     if resume is None:
         return None
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "train_state.pt").exists() and not list(path.glob("*.safetensors")) and path.is_dir():
-            found = checkpoint_dirs(path)  # a run folder was given: take its newest checkpoint
-            path = found[-1] if found else path
-        if not path.is_dir():
-            raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint folder")
-        return path
-    runs = Path(cfg.output_root) / cfg.run_name
-    found = [c for d in runs.glob("*") if d != run_dir for c in checkpoint_dirs(d)]
-    if not found:
-        log.warning("trainer.resume=latest: no checkpoint under %s, starting from scratch", runs)
-        return None
-    return max(found, key=lambda c: c.stat().st_mtime)
+    if resume == "latest":
+        runs = Path(cfg.output_root) / cfg.run_name
+        found = [c for d in runs.glob("*") if d != run_dir for c in checkpoint_dirs(d)]
+        if not found:
+            log.warning("trainer.resume=latest: no checkpoint under %s, starting from scratch", runs)
+            return None
+        return max(found, key=lambda c: c.stat().st_mtime)
+    path = Path(resume)
+    if path.is_dir() and path.parent.name != "checkpoints":
+        found = checkpoint_dirs(path)
+        if not found:
+            raise FileNotFoundError(f"trainer.resume={resume}: no checkpoints/step_* folder in this run folder")
+        return found[-1]
+    if not path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint folder")
+    return path
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -75,7 +79,8 @@ def main(cfg: DictConfig) -> dict:
     optimizer = build_optimizer(o.name, groups, o.lr, tuple(o.betas), o.eps, o.get("max_grad_norm", 1.0))
     loader = train_loader(cfg, splits["train"], accelerator)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    total_steps = cfg.trainer.epochs * (len(loader) // accelerator.gradient_accumulation_steps)
+    # Accelerate forces an optimiser step at the end of each epoch, hence the ceiling.
+    total_steps = cfg.trainer.epochs * math.ceil(len(loader) / accelerator.gradient_accumulation_steps)
     scheduler = accelerator.prepare(build_scheduler(optimizer, total_steps, o.warmup))
     val_loaders = accelerator.prepare(*eval_loaders(cfg, splits["val"]))
     test_loaders = accelerator.prepare(*eval_loaders(cfg, splits["test"]))

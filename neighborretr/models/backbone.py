@@ -14,6 +14,31 @@ import torch
 from torch import nn
 
 
+def _is_local_file(pretrained: str) -> bool:
+    return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def load_clip_weights(clip: open_clip.CLIP, path: str | Path) -> None:
+    """Loads a local checkpoint into `clip` (every parameter must be present): OpenAI's TorchScript archive (ViT-B-32.pt) or a plain
+    state dict (optionally under "state_dict", optionally with DDP's "module." prefix)."""
+    path = Path(path)
+    try:  # OpenAI ships whole TorchScript models; only their weights are wanted
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # OpenAI's archives carry metadata entries, and scripted models keep non-persistent buffers (attn_mask)
+    ignorable = {"input_resolution", "context_length", "vocab_size"} | {n for n, _ in clip.named_buffers()}
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if k not in ignorable]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the {type(clip).__name__} architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Check model.name against the checkpoint (e.g. ViT-B-32 for ViT-B-32.pt)."
+        )
+
+
 def build_open_clip(name: str, pretrained: str | None = None, quick_gelu: bool = True) -> open_clip.CLIP:
     """Builds a named open_clip model, optionally with weights.
 
@@ -24,16 +49,19 @@ def build_open_clip(name: str, pretrained: str | None = None, quick_gelu: bool =
         quick_gelu: OpenAI's weights were trained with QuickGELU; loading them into GELU blocks silently
             degrades every feature, so keep this True for OpenAI checkpoints.
     """
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(
-                f"model.pretrained={pretrained!r} does not exist. Download OpenAI's checkpoint (e.g. ViT-B-32.pt) "
-                "and pass its path, use an open_clip tag such as 'openai' where a network is available, "
-                "or set model.pretrained=null for random weights."
-            )
-    model = open_clip.create_model(name, pretrained=pretrained or None, force_quick_gelu=quick_gelu)
+    local = bool(pretrained) and _is_local_file(pretrained)
+    if local and not Path(pretrained).is_file():
+        raise FileNotFoundError(
+            f"model.pretrained={pretrained!r} does not exist. Download OpenAI's checkpoint (e.g. ViT-B-32.pt) "
+            "and pass its path, use an open_clip tag such as 'openai' where a network is available, "
+            "or set model.pretrained=null for random weights."
+        )
+    tag = None if local else (pretrained or None)
+    model = open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu)
     if not isinstance(model, open_clip.CLIP):
         raise TypeError(f"{name} builds a {type(model).__name__}; only open_clip.CLIP layouts are supported")
+    if local:
+        load_clip_weights(model, pretrained)
     return model
 
 

@@ -140,3 +140,15 @@ def test_malformed_annotation_and_unknown_key_fail_clearly(damaged, tmp_path):
     typo = run_script("train.py", typo_args, cwd=tmp_path, check=False)
     assert typo.returncode != 0 and "trainer.epoch" in typo.stderr
     assert not (tmp_path / "typo").exists()  # refused before any work
+
+
+def test_grad_accumulation_and_bf16_autocast_run(tiny_synthetic, tmp_path):
+    out = tmp_path / "outputs"
+    args = [*TINY_OVERRIDES, f"data.root={tiny_synthetic}", f"output_root={out}", "trainer.epochs=1"]
+    result = run_script("train.py", [*args, "trainer.grad_accum=2", "trainer.mixed_precision=bf16"], cwd=tmp_path)
+    # 40 pairs, global batch 8 = 2 micro-batches of 4 per optimiser step: 5 optimiser steps in the epoch
+    assert "5 optimiser steps" in result.stdout
+    (run,) = _runs(out)
+    assert (run / "checkpoints" / "step_00000005").is_dir()
+    bad = run_script("train.py", [*args, "trainer.grad_accum=3"], cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "not divisible" in bad.stderr

@@ -113,3 +113,37 @@ def test_real_vit_b32_random_weights_shapes(name, patches):
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.pretrained"):
         open_clip_model("ViT-B-32", pretrained=str(tmp_path / "ViT-B-32.pt"))
+
+
+def _tiny_clip():
+    from neighborretr.models.backbone import build_tiny_clip
+
+    return build_tiny_clip(
+        embed_dim=32, image_size=32, patch_size=8, vision_width=32, text_width=32, heads=2, context_length=16
+    )
+
+
+def test_load_weights_from_a_torchscript_archive_and_a_state_dict(tmp_path):
+    """OpenAI distributes ViT-B-32.pt as a TorchScript archive; a traced tiny CLIP has the same form."""
+    from neighborretr.models.backbone import load_clip_weights
+
+    torch.manual_seed(0)
+    source = _tiny_clip().eval()
+    traced = torch.jit.trace(
+        source, (torch.randn(1, 3, 32, 32), torch.randint(0, 100, (1, 16))), strict=False, check_trace=False
+    )
+    torch.jit.save(traced, tmp_path / "ViT-tiny.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "plain.pt")
+    for name in ("ViT-tiny.pt", "plain.pt"):
+        target = _tiny_clip()
+        load_clip_weights(target, tmp_path / name)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), (name, key)
+
+
+def test_load_weights_rejects_another_architecture(tmp_path):
+    from neighborretr.models.backbone import build_tiny_clip, load_clip_weights
+
+    torch.save(build_tiny_clip().state_dict(), tmp_path / "other.pt")
+    with pytest.raises((ValueError, RuntimeError), match="other.pt|size mismatch"):
+        load_clip_weights(_tiny_clip(), tmp_path / "other.pt")
