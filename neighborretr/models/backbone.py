@@ -19,8 +19,11 @@ def _is_local_file(pretrained: str) -> bool:
 
 
 def load_clip_weights(clip: open_clip.CLIP, path: str | Path) -> None:
-    """Loads a local checkpoint into `clip` (every parameter must be present): OpenAI's TorchScript archive (ViT-B-32.pt) or a plain
-    state dict (optionally under "state_dict", optionally with DDP's "module." prefix)."""
+    """Loads a local checkpoint into `clip`; every parameter must be present.
+
+    Accepts OpenAI's TorchScript archive (ViT-B-32.pt) or a plain state dict (optionally under "state_dict",
+    optionally with DDP's "module." prefix).
+    """
     path = Path(path)
     try:  # OpenAI ships whole TorchScript models; only their weights are wanted
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
