@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -10,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+import numpy as np
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
@@ -147,15 +150,58 @@ def train_loader(cfg: DictConfig, recs: list[Record], accelerator: Accelerator) 
     )
 
 
+def _first_per_video(recs: list[Record]) -> list[Record]:
+    return list({r.video_id: r for r in reversed(recs)}.values())
+
+
+def _eval_pair(cfg: DictConfig, text_recs: list[Record], video_recs: list[Record]) -> tuple[DataLoader, DataLoader]:
+    texts = _dataset(cfg, text_recs, train=False, load_video=False)
+    videos = _dataset(cfg, video_recs, train=False, load_text=False)
+    kw = dict(batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    return DataLoader(texts, **kw), DataLoader(videos, **kw)
+
+
 def eval_loaders(cfg: DictConfig, recs: list[Record]) -> tuple[DataLoader, DataLoader]:
     """(captions loader, distinct-videos loader); every caption and every video is encoded once."""
     if not recs:
         raise ConfigError("the evaluation split is empty (for a held-out validation split, set data.val_videos > 0)")
-    first_per_video = list({r.video_id: r for r in reversed(recs)}.values())
-    texts = _dataset(cfg, recs, train=False, load_video=False)
-    videos = _dataset(cfg, first_per_video, train=False, load_text=False)
-    kw = dict(batch_size=cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    return DataLoader(texts, **kw), DataLoader(videos, **kw)
+    return _eval_pair(cfg, recs, _first_per_video(recs))
+
+
+def _subsample(items: list, size: int | None, seed: int) -> list:
+    if size is None or size >= len(items):
+        return items
+    keep = sorted(np.random.default_rng(seed).permutation(len(items))[:size].tolist())
+    return [items[i] for i in keep]
+
+
+def bank_records(cfg: DictConfig, train: list[Record]) -> tuple[list[Record], list[Record]]:
+    """Training-split banks: (query-bank captions, gallery-bank videos), each subsampled with eval.bank_seed."""
+    captions = _subsample(train, cfg.eval.query_bank_size, cfg.eval.bank_seed)
+    videos = _subsample(
+        _first_per_video(sorted(train, key=lambda r: r.video_id)), cfg.eval.gallery_bank_size, cfg.eval.bank_seed
+    )
+    return captions, videos
+
+
+def bank_loaders(cfg: DictConfig, banks: tuple[list[Record], list[Record]]) -> tuple[DataLoader, DataLoader]:
+    return _eval_pair(cfg, *banks)
+
+
+def bank_cache_path(cfg: DictConfig, weights: Path) -> Path:
+    """A cache file beside the weights, named by the weights' identity and every setting the banks depend on."""
+    stat = weights.stat()
+    key = {
+        "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
+        "data": [str(cfg.data.root), cfg.data.max_words, cfg.data.max_frames, cfg.data.image_size],
+        "bank": [cfg.eval.query_bank_size, cfg.eval.gallery_bank_size, cfg.eval.bank_seed],
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return weights.parent / f"bank_features_{digest}.pt"
+
+
+def needs_banks(cfg: DictConfig) -> bool:
+    return any(m != "none" for m in cfg.eval.normalizations)
 
 
 def check_model_data(model, cfg: DictConfig) -> None:

@@ -7,17 +7,30 @@ override them. Prints a table of R@1/5/10, MdR and MnR for both directions and w
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
 import torch
-from _setup import build_model, check_videos, eval_loaders, make_accelerator, records, shared_run_dir, user_errors
+from _setup import (
+    bank_cache_path,
+    bank_loaders,
+    bank_records,
+    build_model,
+    check_videos,
+    eval_loaders,
+    make_accelerator,
+    needs_banks,
+    records,
+    shared_run_dir,
+    user_errors,
+)
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from neighborretr.engine import write_json
-from neighborretr.eval.features import evaluate_split
-from neighborretr.eval.metrics import format_table
+from neighborretr.eval.pipeline import evaluate_report, write_report
+
+log = logging.getLogger("neighborretr")
 
 
 def locate(ckpt: Path) -> tuple[Path, Path]:
@@ -57,18 +70,36 @@ def main(cfg: DictConfig) -> dict:
         run_cfg.model.pretrained = None
     accelerator = make_accelerator(run_cfg, with_tracker=False)
     out_dir = shared_run_dir(accelerator)
-    split_records = check_videos(run_cfg, {cfg.split: records(run_cfg, cfg.split)}, accelerator)[cfg.split]
+    split_records = {cfg.split: records(run_cfg, cfg.split)}
+    if needs_banks(run_cfg):
+        split_records["val"] = records(run_cfg, "val")
+        split_records["bank_captions"], split_records["bank_videos"] = bank_records(run_cfg, records(run_cfg, "train"))
+        if cfg.split == "val":
+            log.warning("split=val: the normalisations' β/τ are chosen and reported on the same split")
+    split_records = check_videos(run_cfg, split_records, accelerator)
     model = build_model(run_cfg)
     model.load_state_dict(load_weights(weights))
     model = accelerator.prepare_model(model, evaluation_mode=True)
-    loaders = accelerator.prepare(*eval_loaders(run_cfg, split_records))
-    metrics = evaluate_split(accelerator, model, *loaders, chunk_size=cfg.eval.chunk_size)
+    banks = "bank_captions" in split_records
+    report = evaluate_report(
+        accelerator,
+        model,
+        accelerator.prepare(*eval_loaders(run_cfg, split_records[cfg.split])),
+        list(cfg.eval.normalizations),
+        val_loaders=accelerator.prepare(*eval_loaders(run_cfg, split_records["val"])) if banks else None,
+        bank_loaders=accelerator.prepare(
+            *bank_loaders(run_cfg, (split_records["bank_captions"], split_records["bank_videos"]))
+        )
+        if banks
+        else None,
+        bank_cache=bank_cache_path(run_cfg, weights) if banks else None,
+        k=cfg.eval.k,
+        chunk_size=cfg.eval.chunk_size,
+    )
+    write_report(accelerator, report, out_dir, cfg.split, cfg.eval.k)
     if accelerator.is_main_process:
-        payload = {"split": cfg.split, "weights": str(weights), "captions": len(split_records), **metrics}
-        write_json(out_dir / f"eval_{cfg.split}.json", payload)
-        print(format_table(metrics, title=f"{cfg.split} ({len(split_records)} captions) from {weights}"))
-        print(f"results: {out_dir / f'eval_{cfg.split}.json'}")
-    return metrics
+        print(f"{cfg.split}: {len(split_records[cfg.split])} captions, weights {weights}")
+    return report["rows"]
 
 
 if __name__ == "__main__":

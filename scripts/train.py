@@ -9,12 +9,16 @@ from pathlib import Path
 import hydra
 import torch
 from _setup import (
+    bank_cache_path,
+    bank_loaders,
+    bank_records,
     build_model,
     check_model_data,
     check_videos,
     eval_loaders,
     init_tracker,
     make_accelerator,
+    needs_banks,
     records,
     seed_everything,
     shared_run_dir,
@@ -25,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
 from neighborretr.eval.features import evaluate_split
-from neighborretr.eval.metrics import format_table
+from neighborretr.eval.pipeline import evaluate_report, write_report
 from neighborretr.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger("neighborretr")
@@ -122,22 +126,38 @@ def main(cfg: DictConfig) -> dict:
         fit_cfg,
     )
 
-    # The final test uses the model selected on the validation split, for both directions.
-    best = torch.load(run_dir / "best" / "model.pt", map_location="cpu", weights_only=True)
-    accelerator.unwrap_model(model).load_state_dict(best)
-    test = evaluate_split(accelerator, model, *test_loaders, chunk_size=chunk)
-    accelerator.log({f"test/{d}/{k}": v for d, m in test.items() for k, v in m.items()}, step=state.global_step)
+    # The final test uses the model selected on the validation split, for both directions, raw and with each
+    # hubness normalisation (whose β/τ are chosen on the validation split too).
+    weights = run_dir / "best" / "model.pt"
+    accelerator.unwrap_model(model).load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    banks = bank_loaders(cfg, bank_records(cfg, splits["train"])) if needs_banks(cfg) else None
+    report = evaluate_report(
+        accelerator,
+        model,
+        test_loaders,
+        list(cfg.eval.normalizations),
+        val_loaders=val_loaders,
+        bank_loaders=accelerator.prepare(*banks) if banks else None,
+        bank_cache=bank_cache_path(cfg, weights) if banks else None,
+        k=cfg.eval.k,
+        chunk_size=chunk,
+    )
     results = {
-        "test": test,
+        "test": report["rows"]["none"],
+        "normalized": report["rows"],
+        "normalization_params": report["params"],
         "best_epoch": state.best_epoch,
         "best_val_score": state.best_score,
         "select_metric": t.select_metric,
         "history": state.history,
     }
+    write_report(accelerator, report, run_dir, "test", cfg.eval.k, step=state.global_step)
     if accelerator.is_main_process:
         write_json(run_dir / "results.json", results)
-        accelerator.print(format_table(test, title=f"test ({len(splits['test'])} captions), epoch {state.best_epoch}"))
-        accelerator.print(f"results: {run_dir / 'results.json'}")
+        accelerator.print(
+            f"test: {len(splits['test'])} captions, model of epoch {state.best_epoch}; "
+            f"results: {run_dir / 'results.json'}"
+        )
     accelerator.end_training()
     return results
 

@@ -47,6 +47,7 @@ TINY_OVERRIDES = [
     "trainer.epochs=2",
     "trainer.log_every=1",
     "logger=none",
+    "eval.k=3",
 ]
 
 

@@ -51,20 +51,40 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     (run,) = _runs(out)
     results = json.loads((run / "results.json").read_text())
     assert set(results["test"]) == {"t2v", "v2t"}
-    assert set(results["test"]["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+    assert set(results["test"]["t2v"]) == {
+        "R@1",
+        "R@5",
+        "R@10",
+        "MdR",
+        "MnR",
+        "skewness",
+        "hub_occurrence",
+        "antihub_occurrence",
+        "k",
+    }
     assert results["best_epoch"] in (0, 1) and len(results["history"]) == 2
     assert "R@1" in result.stdout and "t2v" in result.stdout  # the printed table
     assert (run / "config.yaml").is_file() and (run / "best" / "model.pt").is_file()
     assert list((run / "wandb").glob("offline-run-*")), "a wandb offline run folder is written"
     assert len(list((run / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints
 
-    evaluated = run_script("evaluate.py", [f"ckpt={run}", f"output_root={out}"], cwd=tmp_path)
+    # every normalisation is reported for both directions, with its β/τ chosen on the validation split
+    methods = {"none", "is", "dis", "dualis", "dualdis", "sn", "dbsn"}
+    assert set(results["normalized"]) == methods and set(results["normalization_params"]) == methods
+    assert results["normalization_params"]["dualis"]["t2v"].keys() == {"beta_query_bank", "beta_gallery_bank"}
+    assert (run / "test_k_occurrence_t2v.png").read_bytes()[:4] == b"\x89PNG"
+    (cache,) = (run / "best").glob("bank_features_*.pt")
+    cached_at = cache.stat().st_mtime_ns
+
+    evaluated = run_script("evaluate.py", [f"ckpt={run}", f"output_root={out}", "eval.k=3"], cwd=tmp_path)
     (eval_dir,) = sorted((out / "eval").glob("*"))
-    metrics = json.loads((eval_dir / "eval_test.json").read_text())
-    # the evaluation script reproduces the training script's final test numbers from the same weights
-    for direction in ("t2v", "v2t"):
-        assert metrics[direction] == pytest.approx(results["test"][direction])
-    assert "R@1" in evaluated.stdout
+    metrics = json.loads((eval_dir / "test_metrics.json").read_text())
+    # the evaluation script reproduces the training run's final test numbers from the same weights and banks
+    for method in methods:
+        for direction in ("t2v", "v2t"):
+            assert metrics["rows"][method][direction] == pytest.approx(results["normalized"][method][direction])
+    assert cache.stat().st_mtime_ns == cached_at  # the banks came from the cache, not re-encoded
+    assert "dualdis" in evaluated.stdout and "Skew@3" in evaluated.stdout
 
 
 def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path):
