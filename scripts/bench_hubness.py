@@ -63,6 +63,7 @@ CASES = {
         Case("msrvtt_gallery_bank", 9_000, 1_000, 1.0, 4096, "MSR-VTT 9k: training videos x 1k-A test videos"),
         Case("gallery_100k", 9_000, 100_000, 20.0, 512, "9k bank x 100k-item gallery, 512-row blocks"),
         Case("gallery_100k_chunk4096", 9_000, 100_000, 20.0, 4096, "same with the default 4096-row blocks"),
+        Case("gallery_100k_bank1k", 1_000, 100_000, 20.0, 512, "1k bank x 100k gallery: small enough for numpy"),
     ]
 }
 
