@@ -63,7 +63,8 @@ def intra_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 @torch.no_grad()
 def split_matrices(model: nn.Module, test: dict, bank: dict, device: torch.device, chunk_size: int = 256) -> dict:
-    """All similarity matrices the methods need, in both directions, on the cosine scale.
+    """All similarity matrices the methods need, in both directions, on the cosine scale, left on `device` so
+    that the normalisations and metrics run there too (the GPU when there is one).
 
     Args:
         test, bank: encoded features {"text", "text_mask", "video", "video_mask"} (see `encode_split`).
@@ -76,11 +77,11 @@ def split_matrices(model: nn.Module, test: dict, bank: dict, device: torch.devic
 
     def cross(texts: dict, videos: dict) -> Tensor:
         args = [t.to(device) for t in (texts["text"], texts["text_mask"], videos["video"], videos["video_mask"])]
-        return model.chunked_similarity(*args, chunk_size=chunk_size).cpu()
+        return model.chunked_similarity(*args, chunk_size=chunk_size)
 
     def pooled(feats: dict, kind: str) -> Tensor:
         head = model.sim_head.text_weights if kind == "text" else model.sim_head.video_weights
-        return pooled_tokens(feats[kind].to(device), feats[f"{kind}_mask"].to(device), head).cpu()
+        return pooled_tokens(feats[kind].to(device), feats[f"{kind}_mask"].to(device), head)
 
     sim = cross(test, test)
     bank_text_test_video = cross(bank, test)  # [Bq, Nv]
@@ -135,6 +136,7 @@ def select_parameters(val: dict, caption_to_video: Tensor, methods: list[str], g
         {method: {"t2v": params, "v2t": params}}; the test split is never looked at.
     """
     grid = grid or DEFAULT_GRID
+    caption_to_video = caption_to_video.to(val["t2v"]["sim"].device)
     chosen: dict = {}
     for method in methods:
         chosen[method] = {}
@@ -159,12 +161,13 @@ def normalized_report(
     if unknown:
         raise ValueError(f"unknown normalisation(s) {unknown}; choose from {list(METHODS)}")
     rows, counts = {}, {"t2v": {}, "v2t": {}}
+    caption_to_video = caption_to_video.to(test["t2v"]["sim"].device)
     k = effective_k(k, test["t2v"]["sim"].shape)
     for method in methods:
         scores = {d: apply_method(test[d], method, params.get(method, {}).get(d, {})) for d in ("t2v", "v2t")}
         rows[method] = direction_report_pair(scores["t2v"], scores["v2t"], caption_to_video, k=k)
         for direction in ("t2v", "v2t"):
-            counts[direction][method] = k_occurrence(scores[direction], k=k)
+            counts[direction][method] = k_occurrence(scores[direction], k=k).cpu()
     return rows, counts
 
 

@@ -98,8 +98,11 @@ def write_report(accelerator: Accelerator, report: dict, out_dir: Path, name: st
     if not accelerator.is_main_process:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_method_table(rows, title=name)
-    print(table)
+    print(format_method_table(rows, title=name))
+    for method, by_direction in report["params"].items():
+        if any(by_direction.values()):
+            chosen = "; ".join(f"{d} " + ", ".join(f"{k}={v:g}" for k, v in p.items()) for d, p in by_direction.items())
+            print(f"  {method}: {chosen} (chosen on the validation split)")
     payload = {"k": k, "rows": rows, "params": report["params"]}
     (out_dir / f"{name}_metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=True))
     for direction, counts in report["counts"].items():
