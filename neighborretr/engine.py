@@ -19,11 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from neighborretr.distributed import gather_features
+from neighborretr.distributed import all_gather_with_grad, gather_features
+from neighborretr.memory_bank import MemoryBank
 
 log = logging.getLogger(__name__)
 
-Criterion = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+Criterion = Callable[..., dict[str, torch.Tensor]]  # (model, gathered features, bank contents | None) -> losses
 Validator = Callable[[], dict[str, dict[str, float]]]
 
 
@@ -103,6 +104,36 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
+@dataclass
+class BankFeeder:
+    """The memory bank and the loader that refills it at the start of every epoch (its `mb_batch` batches)."""
+
+    bank: MemoryBank
+    loader: DataLoader
+
+
+def _push(bank: MemoryBank, features: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
+    """Adds a gathered batch to the bank; every rank pushes the same global batch, so banks stay identical."""
+    bank.enqueue(
+        features["text"].detach(), features["text_mask"], features["video"].detach(), features["video_mask"], ids
+    )
+
+
+@torch.no_grad()
+def fill_memory_bank(accelerator: Accelerator, model: nn.Module, feeder: BankFeeder) -> None:
+    """Empties the bank and fills it from the feeder loader in eval mode without gradients (spec §3); the
+    batches are gathered across ranks, so every rank holds the same bank (the official code keeps local banks)."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    feeder.bank.reset()
+    with accelerator.autocast():
+        for batch in feeder.loader:
+            features = unwrapped(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
+            _push(feeder.bank, gather_features(features), all_gather_with_grad(batch["caption_index"]))
+    unwrapped.train(was_training)
+
+
 def train_one_epoch(
     accelerator: Accelerator,
     model: nn.Module,
@@ -112,9 +143,12 @@ def train_one_epoch(
     loader: DataLoader,
     state: TrainState,
     cfg: FitConfig,
+    feeder: BankFeeder | None = None,
 ) -> bool:
     """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early."""
     unwrapped = accelerator.unwrap_model(model)
+    if feeder is not None and state.batches_in_epoch == 0:  # a mid-epoch resume restores the bank instead
+        fill_memory_bank(accelerator, model, feeder)
     model.train()
     set_epoch(loader, state.epoch)
     batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
@@ -133,8 +167,11 @@ def train_one_epoch(
         wait += got - tic
         with accelerator.accumulate(model):
             features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
-            losses = criterion(unwrapped, gather_features(features))
+            gathered = gather_features(features)
+            losses = criterion(unwrapped, gathered, feeder.bank.get() if feeder is not None else None)
             accelerator.backward(losses["loss"])
+            if feeder is not None:  # after the loss, as the official code: the batch is never its own neighbour
+                _push(feeder.bank, gathered, all_gather_with_grad(batch["caption_index"]))
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -199,11 +236,14 @@ def fit(
     validate: Validator,
     state: TrainState,
     cfg: FitConfig,
+    feeder: BankFeeder | None = None,
 ) -> TrainState:
     """Trains from `state` to `cfg.epochs`, validating after every epoch and keeping the best model by
     `cfg.select_metric` (computed on the validation split only) in run_dir/best."""
     while state.epoch < cfg.epochs:
-        finished = train_one_epoch(accelerator, model, criterion, optimizer, scheduler, train_loader, state, cfg)
+        finished = train_one_epoch(
+            accelerator, model, criterion, optimizer, scheduler, train_loader, state, cfg, feeder
+        )
         metrics = validate()
         # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
         score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]

@@ -17,12 +17,14 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from neighborretr.data.annotations import PARSERS, AnnotationError, Record
 from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
 from neighborretr.data.sampler import EpochShuffleSampler
 from neighborretr.data.video_io import VideoDecodeError
+from neighborretr.engine import BankFeeder
+from neighborretr.memory_bank import MemoryBank
 
 log = logging.getLogger("neighborretr")
 # Accelerate logs every file it writes at INFO; keep the console for progress and results.
@@ -212,6 +214,34 @@ def check_model_data(model, cfg: DictConfig) -> None:
         raise ConfigError(f"data.image_size={cfg.data.image_size} but the model expects {model.image_size} px frames")
     if cfg.data.max_words > model.context_length:
         raise ConfigError(f"data.max_words={cfg.data.max_words} exceeds the text context {model.context_length}")
+
+
+def memory_bank_feeder(cfg: DictConfig, criterion, model, train: DataLoader, accelerator: Accelerator):
+    """The memory bank (on the device) and its refill loader: the first `loss.mb_batch` global batches of a fixed
+    seeded subset of the training set, re-drawn (frames) every epoch; None for losses without a bank."""
+    if not getattr(criterion, "uses_memory_bank", False):
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    if not getattr(unwrapped, "high_level", False):
+        raise ConfigError("this loss needs the model's high level: set model.high_level=true")
+    k = cfg.loss.criterion.get("num_neighbors", 0)
+    if cfg.data.batch_size < k + 2:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be >= loss.criterion.num_neighbors + 2 = {k + 2}"
+        )
+    dataset = train.dataset
+    count = min(len(dataset), cfg.loss.mb_batch * cfg.data.batch_size)
+    indices = np.random.default_rng(cfg.seed).permutation(len(dataset))[:count].tolist()
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=per_device_batch(cfg, accelerator),
+        shuffle=False,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+    )
+    dim = unwrapped.embed_dim
+    bank = MemoryBank(cfg.loss.memory_size, (cfg.data.max_words, dim), (cfg.data.max_frames, dim))
+    return BankFeeder(bank.to(accelerator.device), accelerator.prepare(loader))
 
 
 def build_model(cfg: DictConfig):

@@ -18,6 +18,7 @@ from _setup import (
     eval_loaders,
     init_tracker,
     make_accelerator,
+    memory_bank_feeder,
     needs_banks,
     records,
     seed_everything,
@@ -77,7 +78,7 @@ def main(cfg: DictConfig) -> dict:
     splits = check_videos(cfg, {s: records(cfg, s) for s in ("train", "val", "test")}, accelerator)
     model = build_model(cfg)
     check_model_data(model, cfg)
-    criterion = hydra.utils.instantiate(cfg.loss)
+    criterion = hydra.utils.instantiate(cfg.loss.criterion)
     o = cfg.optim
     groups = param_groups(model, o.lr, o.weight_decay, o.backbone_lr_scale, no_decay=tuple(o.no_decay))
     optimizer = build_optimizer(o.name, groups, o.lr, tuple(o.betas), o.eps, o.get("max_grad_norm", 1.0))
@@ -89,8 +90,11 @@ def main(cfg: DictConfig) -> dict:
     val_loaders = accelerator.prepare(*eval_loaders(cfg, splits["val"]))
     test_loaders = accelerator.prepare(*eval_loaders(cfg, splits["test"]))
 
+    feeder = memory_bank_feeder(cfg, criterion, model, loader, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if feeder is not None:
+        accelerator.register_for_checkpointing(feeder.bank)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
     init_tracker(accelerator, cfg, run_dir, job_type="train")

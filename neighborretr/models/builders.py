@@ -16,8 +16,10 @@ def tiny(
     context_length: int = 32,
     temporal_layers: int = 2,
     max_frames: int = 32,
+    high_level: bool = False,
 ) -> RetrievalModel:
-    """A small random model for CPU runs: both towers `width` wide and `layers` deep."""
+    """A small random model for CPU runs: both towers `width` wide and `layers` deep. `high_level` builds
+    NeighborRetr's token-merging global level (needed by the NeighborRetr loss)."""
     clip = build_tiny_clip(
         embed_dim=embed_dim,
         image_size=image_size,
@@ -30,7 +32,9 @@ def tiny(
         context_length=context_length,
         quick_gelu=False,
     )
-    return RetrievalModel(clip, temporal_layers=temporal_layers, max_frames=max_frames, quick_gelu=False)
+    return RetrievalModel(
+        clip, temporal_layers=temporal_layers, max_frames=max_frames, quick_gelu=False, high_level=high_level
+    )
 
 
 def open_clip_model(
@@ -40,6 +44,7 @@ def open_clip_model(
     temporal_layers: int = 4,
     max_frames: int = 77,
     freeze_patch_embed: bool = True,
+    high_level: bool = False,
 ) -> RetrievalModel:
     """Any open_clip CLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), random or pretrained.
 
@@ -54,4 +59,5 @@ def open_clip_model(
         max_frames=max_frames,
         quick_gelu=quick_gelu,
         freeze_patch_embed=freeze_patch_embed,
+        high_level=high_level,
     )

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from neighborretr.models.backbone import embed_dim, frame_features, text_token_features, text_tower_shape
-from neighborretr.models.similarity import TokenSimilarity
+from neighborretr.models.similarity import TokenSimilarity, weighted_token_similarity
 from neighborretr.models.temporal import TemporalTransformer
+from neighborretr.models.token_merging import TokenHierarchy
 
 
 class RetrievalModel(nn.Module):
@@ -28,6 +29,11 @@ class RetrievalModel(nn.Module):
         quick_gelu: bool = True,
         init_temporal_from_text: bool = True,
         freeze_patch_embed: bool = True,
+        high_level: bool = False,
+        text_ratios: tuple[float, ...] = (1 / 6, 1 / 4),
+        video_ratios: tuple[float, ...] = (1 / 4, 1 / 3),
+        cluster_k: int = 3,
+        global_pool: str = "weighted",
     ):
         super().__init__()
         self.clip = clip
@@ -37,6 +43,11 @@ class RetrievalModel(nn.Module):
         self.temporal = TemporalTransformer(dim, temporal_layers, heads, max_frames, quick_gelu=quick_gelu)
         self.temporal_initialised_from_text = init_temporal_from_text and self.temporal.init_from_text_tower(clip)
         self.sim_head = TokenSimilarity(dim)
+        self.high_level = high_level
+        if high_level:  # NeighborRetr's global level (spec §1.6); the baseline model does not build it
+            self.text_hierarchy = TokenHierarchy(dim, None, text_ratios, cluster_k, global_pool)
+            self.video_hierarchy = TokenHierarchy(dim, None, video_ratios, cluster_k, global_pool)
+            self.global_head = TokenSimilarity(dim)
         if freeze_patch_embed:  # the official code freezes the patch embedding (visual.conv1)
             clip.visual.conv1.weight.requires_grad_(False)
 
@@ -84,6 +95,36 @@ class RetrievalModel(nn.Module):
     ) -> torch.Tensor:
         """The same scores computed block by block without gradient (evaluation)."""
         return self.sim_head.chunked(text, text_mask, video, video_mask, chunk_size)
+
+    def global_tokens(
+        self, text: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged global tokens of the high level: text [B, Kt, D] and video [B, Kv, D] (Kt = Kv = 1 for 24 words
+        and 12 frames with the official ratios)."""
+        if not self.high_level:
+            raise RuntimeError("this model was built without the high level (model.high_level=false)")
+        return self.text_hierarchy(text, text_mask.detach()), self.video_hierarchy(video, video_mask.detach())
+
+    def global_similarity(self, text_global: torch.Tensor, video_global: torch.Tensor) -> torch.Tensor:
+        """High-level similarity [Bt, Bv] of merged tokens: the weighted token-wise formula with the high-level
+        weight MLPs, without L2 normalisation and without masks, as the official `global_level` (spec §1.6)."""
+        wt = self.global_head.text_weights(text_global, torch.ones(text_global.shape[:2], device=text_global.device))
+        wv = self.global_head.video_weights(
+            video_global, torch.ones(video_global.shape[:2], device=video_global.device)
+        )
+        ones_t = torch.ones(text_global.shape[:2], device=text_global.device)
+        ones_v = torch.ones(video_global.shape[:2], device=video_global.device)
+        return weighted_token_similarity(text_global, ones_t, wt, video_global, ones_v, wv)
+
+    def global_vectors(
+        self, text_global: torch.Tensor, video_global: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vector per sample ([B, D] each) for the centrality weights; K > 1 tokens are pooled with the
+        high-level weight MLPs' softmax (our fix for the official crash beyond 24 words / 12 frames)."""
+        return (
+            self.text_hierarchy.reduce_to_one(text_global, self.global_head.text_weights.net),
+            self.video_hierarchy.reduce_to_one(video_global, self.global_head.video_weights.net),
+        )
 
     def forward(
         self, text_ids: torch.Tensor, text_mask: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor

@@ -1,5 +1,6 @@
-"""Run under `torchrun --standalone --nproc_per_node 2 ddp_check.py OUT.pt`: one training-loss backward of the
-tiny model where each process holds half of a fixed global batch; rank 0 saves the loss and the gradients."""
+"""Run under `torchrun --standalone --nproc_per_node 2 ddp_check.py OUT.pt LOSS`: one training-loss backward of the
+tiny model where each process holds half of a fixed global batch; rank 0 saves the loss and the gradients.
+LOSS is "infonce" or "neighborretr" (with a fixed memory bank, identical on both ranks)."""
 
 import sys
 
@@ -7,18 +8,18 @@ import torch
 from accelerate import Accelerator
 
 from neighborretr.distributed import gather_features
-from neighborretr.losses import InfoNCECriterion
-from tests.integration.test_distributed import global_batch, make_model
+from tests.integration.test_distributed import criterion_and_bank, global_batch, make_model
 
 
-def main(out: str) -> None:
+def main(out: str, loss_name: str) -> None:
     accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(make_model())
+    criterion, bank = criterion_and_bank(loss_name)
+    model = accelerator.prepare(make_model(high_level=loss_name == "neighborretr"))
     batch = global_batch()
     half = len(batch["text_ids"]) // accelerator.num_processes
     mine = {k: v[accelerator.process_index * half : (accelerator.process_index + 1) * half] for k, v in batch.items()}
     features = model(mine["text_ids"], mine["text_mask"], mine["video"], mine["video_mask"])
-    loss = InfoNCECriterion()(accelerator.unwrap_model(model), gather_features(features))["loss"]
+    loss = criterion(accelerator.unwrap_model(model), gather_features(features), bank)["loss"]
     accelerator.backward(loss)
     grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
     if accelerator.is_main_process:
@@ -26,4 +27,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -35,6 +36,11 @@ def test_every_experiment_composes_and_resolves(experiment):
 def test_paper_recipe_values():
     cfg = _compose("train", ["experiment=msrvtt_vitb32"])
     assert (cfg.data.batch_size, cfg.data.max_words, cfg.data.max_frames, cfg.trainer.epochs) == (128, 24, 12, 5)
+    assert (cfg.loss.mb_batch, cfg.loss.memory_size, cfg.model.high_level) == (15, 512, True)
+    c = cfg.loss.criterion
+    assert (c.centrality_scale, c.num_neighbors, c.temperature, c.beta) == (0.3, 20, 3.0, 0.7)
+    an = _compose("train", ["experiment=activitynet_vitb32"])
+    assert (an.data.max_words, an.data.max_frames, an.trainer.epochs, an.loss.memory_size) == (64, 64, 10, 1024)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.backbone_lr_scale, cfg.optim.weight_decay) == (
         "bertadam",
         1e-4,
@@ -64,3 +70,23 @@ def test_unknown_key_is_refused(override):
 def test_unknown_group_option_is_refused():
     with pytest.raises(ConfigCompositionException, match="experiment"):
         _compose("train", ["experiment=does_not_exist"])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_builds_its_model_and_loss(experiment):
+    """Random weights on CPU; NeighborRetr recipes also run their high level at their own words/frames."""
+    cfg = _compose("train", [f"experiment={experiment}"])
+    model = hydra.utils.instantiate(cfg.model)
+    criterion = hydra.utils.instantiate(cfg.loss.criterion)
+    assert cfg.data.max_words <= model.context_length
+    if not criterion.uses_memory_bank:
+        return
+    assert model.high_level and cfg.data.batch_size >= cfg.loss.criterion.num_neighbors + 2
+    b, dim = 3, model.embed_dim
+    text, video = torch.randn(b, cfg.data.max_words, dim), torch.randn(b, cfg.data.max_frames, dim)
+    text_mask, video_mask = torch.ones(b, cfg.data.max_words), torch.ones(b, cfg.data.max_frames)
+    with torch.no_grad():
+        text_global, video_global = model.global_tokens(text, text_mask, video, video_mask)
+        vectors = model.global_vectors(text_global, video_global)
+        assert model.global_similarity(text_global, video_global).shape == (b, b)
+    assert vectors[0].shape == vectors[1].shape == (b, dim)

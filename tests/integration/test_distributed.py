@@ -8,15 +8,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from neighborretr.losses import InfoNCECriterion
+from neighborretr.losses import InfoNCECriterion, NeighborRetrCriterion
 from neighborretr.models.builders import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_model():
+def make_model(high_level: bool = False):
     torch.manual_seed(0)
-    return tiny(image_size=32, width=64, embed_dim=64, heads=2, temporal_layers=1)
+    return tiny(image_size=32, width=64, embed_dim=64, heads=2, temporal_layers=1, high_level=high_level)
+
+
+def criterion_and_bank(name: str):
+    """The criterion under test and, for NeighborRetr, fixed bank contents (the same on every rank)."""
+    if name == "infonce":
+        return InfoNCECriterion(), None
+    g = torch.Generator().manual_seed(2)
+    bank = {
+        "text": torch.randn(6, 8, 64, generator=g),
+        "text_mask": torch.ones(6, 8, dtype=torch.long),
+        "video": torch.randn(6, 3, 64, generator=g),
+        "video_mask": torch.ones(6, 3, dtype=torch.long),
+    }
+    # num_neighbors=4 fits the global batch of 8 (k <= B - 2); the rest are the official defaults
+    return NeighborRetrCriterion(num_neighbors=4), bank
 
 
 def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -34,7 +49,8 @@ def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.integration
-def test_two_processes_match_one_process_on_the_full_batch(tmp_path):
+@pytest.mark.parametrize("loss_name", ["infonce", "neighborretr"])
+def test_two_processes_match_one_process_on_the_full_batch(tmp_path, loss_name):
     out = tmp_path / "ddp.pt"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -46,16 +62,18 @@ def test_two_processes_match_one_process_on_the_full_batch(tmp_path):
         "2",
         str(ROOT / "tests/integration/ddp_check.py"),
         str(out),
+        loss_name,
     ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = torch.load(out)
     assert ddp["world"] == 2
 
-    model = make_model()
+    model = make_model(high_level=loss_name == "neighborretr")
+    criterion, bank = criterion_and_bank(loss_name)
     batch = global_batch()
     features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
-    loss = InfoNCECriterion()(model, features)["loss"]
+    loss = criterion(model, features, bank)["loss"]
     loss.backward()
     torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -87,8 +87,13 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     assert "dualdis" in evaluated.stdout and "Skew@3" in evaluated.stdout
 
 
-def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path):
+NEIGHBORRETR_TINY = ["loss=neighborretr", "loss.criterion.num_neighbors=4", "loss.memory_size=16", "loss.mb_batch=2"]
+
+
+@pytest.mark.parametrize("loss", [["loss=infonce"], NEIGHBORRETR_TINY], ids=["infonce", "neighborretr"])
+def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path, loss):
     common = [
+        *loss,
         *TINY_OVERRIDES,
         f"data.root={tiny_synthetic}",
         "trainer.checkpoint_every_steps=2",

@@ -26,3 +26,45 @@ def test_infonce_uniform_is_log_b_and_symmetric():
 def test_infonce_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         symmetric_infonce(torch.zeros(2, 3), torch.tensor(0.0))
+
+
+def _neighborretr_inputs(b=6):
+    from neighborretr.models.builders import tiny
+
+    torch.manual_seed(0)
+    model = tiny(image_size=32, width=32, embed_dim=32, heads=2, high_level=True)
+    g = torch.Generator().manual_seed(1)
+    features = {
+        "text": torch.randn(b, 8, 32, generator=g),
+        "text_mask": torch.ones(b, 8, dtype=torch.long),
+        "video": torch.randn(b, 4, 32, generator=g),
+        "video_mask": torch.ones(b, 4, dtype=torch.long),
+    }
+    bank = {k: v[:3].clone() + 0.1 for k, v in features.items()}
+    bank["text_mask"], bank["video_mask"] = features["text_mask"][:3], features["video_mask"][:3]
+    return model, features, bank
+
+
+def test_neighborretr_criterion_is_the_weighted_sum_of_its_logged_terms():
+    from neighborretr.losses import NeighborRetrCriterion
+
+    model, features, bank = _neighborretr_inputs()
+    out = NeighborRetrCriterion(num_neighbors=2, uniform_weight=0.5, neighbor_weight=2.0, kl_weight=3.0)(
+        model, features, bank
+    )
+    expected = out["centrality"] + 0.5 * out["uniform"] + 2.0 * out["neighbor"] + 3.0 * out["kl"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(torch.isfinite(v) for v in out.values()) and out["neighbor"] > 0
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)  # DDP needs every parameter used
+
+
+def test_neighborretr_without_bank_skips_the_neighbour_term_and_kappa_zero_is_infonce():
+    from neighborretr.losses import NeighborRetrCriterion
+
+    model, features, _ = _neighborretr_inputs()
+    out = NeighborRetrCriterion(num_neighbors=2, centrality_scale=0.0)(model, features, None)
+    assert out["neighbor"].item() == 0.0
+    sim = model.similarity(features["text"], features["text_mask"], features["video"], features["video_mask"])
+    assert out["centrality"].item() == pytest.approx(symmetric_infonce(sim, model.logit_scale).item(), rel=1e-5)
