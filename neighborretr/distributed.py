@@ -20,24 +20,27 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sum_grads: bool) -> torch.Tensor:
         world, rank = dist.get_world_size(), dist.get_rank()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.size = rank, x.shape[0]
+        ctx.rank, ctx.size, ctx.sum_grads = rank, x.shape[0], sum_grads
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
+        if ctx.sum_grads:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, sum_grads: bool = True) -> torch.Tensor:
     """[b, ...] on each of W ranks -> [W·b, ...] in rank order, differentiable; identity on one process.
 
-    Every rank must pass the same shape (training loaders drop the last incomplete batch).
+    Every rank must pass the same shape (training loaders drop the last incomplete batch). `sum_grads=False`
+    reproduces the official `AllGather` (local slice only, no all-reduce): encoder gradients then come out W
+    times smaller than head gradients after DDP's averaging.
     """
     if _world() == 1:
         return x
@@ -45,9 +48,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(_world())]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=0)
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, sum_grads)
 
 
-def gather_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather_features(features: dict[str, torch.Tensor], sum_grads: bool = True) -> dict[str, torch.Tensor]:
     """Applies `all_gather_with_grad` to every tensor of a feature dict."""
-    return {k: all_gather_with_grad(v) for k, v in features.items()}
+    return {k: all_gather_with_grad(v, sum_grads) for k, v in features.items()}

@@ -61,6 +61,7 @@ class FitConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (debugging)
     abort_after_steps: int | None = None  # hard-exit after this many steps, to test resuming (debugging)
     max_logit_scale: float = 100.0
+    official_gather: bool = False  # True: the official gather backward (local slice, no sum; spec §4)
 
 
 def selection_score(metrics: dict[str, dict[str, float]], name: str) -> float:
@@ -167,7 +168,7 @@ def train_one_epoch(
         wait += got - tic
         with accelerator.accumulate(model):
             features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
-            gathered = gather_features(features)
+            gathered = gather_features(features, sum_grads=not cfg.official_gather)
             losses = criterion(unwrapped, gathered, feeder.bank.get() if feeder is not None else None)
             accelerator.backward(losses["loss"])
             if feeder is not None:  # after the loss, as the official code: the batch is never its own neighbour

@@ -116,6 +116,7 @@ def main(cfg: DictConfig) -> dict:
         max_steps=t.max_steps,
         abort_after_steps=t.abort_after_steps,
         max_logit_scale=t.max_logit_scale,
+        official_gather=t.official_gather,
     )
     chunk = cfg.eval.chunk_size
     state = fit(

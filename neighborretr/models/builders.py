@@ -17,6 +17,7 @@ def tiny(
     temporal_layers: int = 2,
     max_frames: int = 32,
     high_level: bool = False,
+    normalize_global: bool = False,
 ) -> RetrievalModel:
     """A small random model for CPU runs: both towers `width` wide and `layers` deep. `high_level` builds
     NeighborRetr's token-merging global level (needed by the NeighborRetr loss)."""
@@ -33,7 +34,12 @@ def tiny(
         quick_gelu=False,
     )
     return RetrievalModel(
-        clip, temporal_layers=temporal_layers, max_frames=max_frames, quick_gelu=False, high_level=high_level
+        clip,
+        temporal_layers=temporal_layers,
+        max_frames=max_frames,
+        quick_gelu=False,
+        high_level=high_level,
+        normalize_global=normalize_global,
     )
 
 
@@ -45,6 +51,7 @@ def open_clip_model(
     max_frames: int = 77,
     freeze_patch_embed: bool = True,
     high_level: bool = False,
+    normalize_global: bool = False,
 ) -> RetrievalModel:
     """Any open_clip CLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), random or pretrained.
 
@@ -60,4 +67,5 @@ def open_clip_model(
         quick_gelu=quick_gelu,
         freeze_patch_embed=freeze_patch_embed,
         high_level=high_level,
+        normalize_global=normalize_global,
     )

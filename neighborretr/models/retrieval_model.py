@@ -6,6 +6,7 @@ import math
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from neighborretr.models.backbone import embed_dim, frame_features, text_token_features, text_tower_shape
@@ -34,6 +35,7 @@ class RetrievalModel(nn.Module):
         video_ratios: tuple[float, ...] = (1 / 4, 1 / 3),
         cluster_k: int = 3,
         global_pool: str = "weighted",
+        normalize_global: bool = False,
     ):
         super().__init__()
         self.clip = clip
@@ -44,6 +46,7 @@ class RetrievalModel(nn.Module):
         self.temporal_initialised_from_text = init_temporal_from_text and self.temporal.init_from_text_tower(clip)
         self.sim_head = TokenSimilarity(dim)
         self.high_level = high_level
+        self.normalize_global = normalize_global
         if high_level:  # NeighborRetr's global level (spec §1.6); the baseline model does not build it
             self.text_hierarchy = TokenHierarchy(dim, None, text_ratios, cluster_k, global_pool)
             self.video_hierarchy = TokenHierarchy(dim, None, video_ratios, cluster_k, global_pool)
@@ -114,6 +117,8 @@ class RetrievalModel(nn.Module):
         )
         ones_t = torch.ones(text_global.shape[:2], device=text_global.device)
         ones_v = torch.ones(video_global.shape[:2], device=video_global.device)
+        if self.normalize_global:  # clean option (spec §9 item 4): cosine scale like the low level
+            text_global, video_global = F.normalize(text_global, dim=-1), F.normalize(video_global, dim=-1)
         return weighted_token_similarity(text_global, ones_t, wt, video_global, ones_v, wv)
 
     def global_vectors(

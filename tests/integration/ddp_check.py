@@ -11,7 +11,7 @@ from neighborretr.distributed import gather_features
 from tests.integration.test_distributed import criterion_and_bank, global_batch, make_model
 
 
-def main(out: str, loss_name: str) -> None:
+def main(out: str, loss_name: str, gather: str = "sum") -> None:
     accelerator = Accelerator(cpu=True)
     criterion, bank = criterion_and_bank(loss_name)
     model = accelerator.prepare(make_model(high_level=loss_name == "neighborretr"))
@@ -19,7 +19,8 @@ def main(out: str, loss_name: str) -> None:
     half = len(batch["text_ids"]) // accelerator.num_processes
     mine = {k: v[accelerator.process_index * half : (accelerator.process_index + 1) * half] for k, v in batch.items()}
     features = model(mine["text_ids"], mine["text_mask"], mine["video"], mine["video_mask"])
-    loss = criterion(accelerator.unwrap_model(model), gather_features(features), bank)["loss"]
+    gathered = gather_features(features, sum_grads=gather == "sum")
+    loss = criterion(accelerator.unwrap_model(model), gathered, bank)["loss"]
     accelerator.backward(loss)
     grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
     if accelerator.is_main_process:
@@ -27,4 +28,4 @@ def main(out: str, loss_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -48,9 +48,7 @@ def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("loss_name", ["infonce", "neighborretr"])
-def test_two_processes_match_one_process_on_the_full_batch(tmp_path, loss_name):
+def _two_process_grads(tmp_path, loss_name: str, gather: str) -> dict:
     out = tmp_path / "ddp.pt"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -63,20 +61,44 @@ def test_two_processes_match_one_process_on_the_full_batch(tmp_path, loss_name):
         str(ROOT / "tests/integration/ddp_check.py"),
         str(out),
         loss_name,
+        gather,
     ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = torch.load(out)
     assert ddp["world"] == 2
+    return ddp
 
+
+def _one_process_grads(loss_name: str) -> tuple[torch.Tensor, dict]:
     model = make_model(high_level=loss_name == "neighborretr")
     criterion, bank = criterion_and_bank(loss_name)
     batch = global_batch()
     features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
     loss = criterion(model, features, bank)["loss"]
     loss.backward()
-    torch.testing.assert_close(ddp["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loss_name", ["infonce", "neighborretr"])
+def test_two_processes_match_one_process_on_the_full_batch(tmp_path, loss_name):
+    ddp = _two_process_grads(tmp_path, loss_name, "sum")
+
+    loss, grads = _one_process_grads(loss_name)
+    torch.testing.assert_close(ddp["loss"], loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == ddp["grads"].keys()
     for name, grad in grads.items():  # encoder (before the gather) and head (after it) alike
         torch.testing.assert_close(ddp["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.integration
+def test_official_gather_shrinks_encoder_gradients_by_the_world_size(tmp_path):
+    """trainer.official_gather=true reproduces spec §4: after DDP averaging, parameters before the gather get
+    1/W of the full-batch gradient while the heads after it get the full gradient."""
+    ddp = _two_process_grads(tmp_path, "infonce", "official")
+    _, grads = _one_process_grads("infonce")
+    after_gather = ("sim_head.", "clip.logit_scale")
+    for name, grad in grads.items():
+        scale = 1.0 if name.startswith(after_gather) else 0.5
+        torch.testing.assert_close(ddp["grads"][name], scale * grad, atol=1e-5, rtol=1e-4, msg=name)
