@@ -148,10 +148,10 @@ def train_one_epoch(
 ) -> bool:
     """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early."""
     unwrapped = accelerator.unwrap_model(model)
+    set_epoch(loader, state.epoch)  # before the refill, which reads the same dataset (frame draws per epoch)
     if feeder is not None and state.batches_in_epoch == 0:  # a mid-epoch resume restores the bank instead
         fill_memory_bank(accelerator, model, feeder)
     model.train()
-    set_epoch(loader, state.epoch)
     batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
     bar = tqdm(
         total=len(loader),
