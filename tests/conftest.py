@@ -84,3 +84,20 @@ def write_numbered_video(path: Path, num_frames: int, fps: int = 10, size: int =
 def frame_numbers(frames) -> list[int]:
     """Inverse of write_numbered_video's grey levels."""
     return [int(round((float(f.mean()) - 16) / 6)) for f in frames]
+
+
+def run_two_processes(script: str, *args: str) -> None:
+    """Runs tests/integration/<script> in 2 gloo processes (torchrun, loopback only) and fails with its stderr."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "integration" / script),
+        *args,
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]

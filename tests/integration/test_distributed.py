@@ -1,17 +1,11 @@
 """Two gloo processes on the CPU must give the loss and gradients of one process on the full batch."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from neighborretr.losses import InfoNCECriterion, NeighborRetrCriterion
 from neighborretr.models.builders import tiny
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import run_two_processes
 
 
 def make_model(high_level: bool = False):
@@ -50,21 +44,7 @@ def global_batch(size: int = 8) -> dict[str, torch.Tensor]:
 
 def _two_process_grads(tmp_path, loss_name: str, gather: str) -> dict:
     out = tmp_path / "ddp.pt"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests/integration/ddp_check.py"),
-        str(out),
-        loss_name,
-        gather,
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes("ddp_check.py", str(out), loss_name, gather)
     ddp = torch.load(out)
     assert ddp["world"] == 2
     return ddp

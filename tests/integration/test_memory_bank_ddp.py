@@ -1,33 +1,15 @@
 """Two gloo processes that enqueue the all-gathered batches must end up with identical memory banks."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.conftest import run_two_processes
 from tests.integration.memory_bank_ddp import CAPACITY, STEPS, local_batch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.integration
 def test_banks_are_identical_across_ranks(tmp_path):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests/integration/memory_bank_ddp.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes("memory_bank_ddp.py", str(tmp_path))
     banks = [torch.load(tmp_path / f"bank_rank{rank}.pt") for rank in range(2)]
     assert banks[0]["world"] == banks[1]["world"] == 2
     assert banks[0].keys() == banks[1].keys()
