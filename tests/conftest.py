@@ -49,6 +49,9 @@ TINY_OVERRIDES = [
     "logger=none",
     "eval.k=3",
 ]
+# Pick one loss after TINY_OVERRIDES (the demo experiment's own loss is NeighborRetr with a batch-64 setup).
+INFONCE = ["loss=infonce"]
+NEIGHBORRETR = ["loss=neighborretr", "loss.criterion.num_neighbors=4", "loss.memory_size=16", "loss.mb_batch=2"]
 
 
 def run_script(script: str, overrides: list[str], cwd: Path, launcher: list[str] | None = None, check: bool = True):

@@ -14,7 +14,7 @@ from neighborretr.data.dataset import VideoTextDataset
 from neighborretr.losses import InfoNCECriterion
 from neighborretr.models.builders import tiny
 from neighborretr.optim import build_optimizer, param_groups
-from tests.conftest import TINY_OVERRIDES, run_script
+from tests.conftest import INFONCE, NEIGHBORRETR, TINY_OVERRIDES, run_script
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,14 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     out = tmp_path / "outputs"
     result = run_script(
         "train.py",
-        [*TINY_OVERRIDES, f"data.root={tiny_synthetic}", f"output_root={out}", "logger=wandb", "logger.mode=offline"],
+        [
+            *TINY_OVERRIDES,
+            *NEIGHBORRETR,
+            f"data.root={tiny_synthetic}",
+            f"output_root={out}",
+            "logger=wandb",
+            "logger.mode=offline",
+        ],
         cwd=tmp_path,
     )
     (run,) = _runs(out)
@@ -87,10 +94,7 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     assert "dualdis" in evaluated.stdout and "Skew@3" in evaluated.stdout
 
 
-NEIGHBORRETR_TINY = ["loss=neighborretr", "loss.criterion.num_neighbors=4", "loss.memory_size=16", "loss.mb_batch=2"]
-
-
-@pytest.mark.parametrize("loss", [["loss=infonce"], NEIGHBORRETR_TINY], ids=["infonce", "neighborretr"])
+@pytest.mark.parametrize("loss", [INFONCE, NEIGHBORRETR], ids=["infonce", "neighborretr"])
 def test_killed_run_resumes_to_the_same_parameters(tiny_synthetic, tmp_path, loss):
     common = [
         *loss,
@@ -126,7 +130,14 @@ def test_two_process_run_shares_one_run_dir(tiny_synthetic, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run_script(
         "train.py",
-        [*TINY_OVERRIDES, f"data.root={tiny_synthetic}", f"output_root={out}", "trainer.cpu=true", "trainer.epochs=1"],
+        [
+            *TINY_OVERRIDES,
+            *NEIGHBORRETR,
+            f"data.root={tiny_synthetic}",
+            f"output_root={out}",
+            "trainer.cpu=true",
+            "trainer.epochs=1",
+        ],
         cwd=tmp_path,
         launcher=launcher,
     )
@@ -145,7 +156,7 @@ def damaged(tiny_synthetic, tmp_path) -> Path:
 def test_missing_and_corrupt_videos_stop_the_run_with_their_paths(damaged, tmp_path):
     (damaged / "videos" / "video3.mp4").unlink()
     (damaged / "videos" / "video5.mp4").write_bytes(b"not a video")
-    args = [*TINY_OVERRIDES, f"data.root={damaged}", f"output_root={tmp_path / 'out'}"]
+    args = [*TINY_OVERRIDES, *INFONCE, f"data.root={damaged}", f"output_root={tmp_path / 'out'}"]
     result = run_script("train.py", args, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "2 video(s) are missing or cannot be decoded" in result.stderr
@@ -157,11 +168,17 @@ def test_missing_and_corrupt_videos_stop_the_run_with_their_paths(damaged, tmp_p
 
 def test_malformed_annotation_and_unknown_key_fail_clearly(damaged, tmp_path):
     (damaged / "MSRVTT_data.json").write_text('{"sentences": [{"video_id": "video0", "caption": "x"},')
-    args = [*TINY_OVERRIDES, f"data.root={damaged}", f"output_root={tmp_path / 'out'}"]
+    args = [*TINY_OVERRIDES, *INFONCE, f"data.root={damaged}", f"output_root={tmp_path / 'out'}"]
     result = run_script("train.py", args, cwd=tmp_path, check=False)
     assert result.returncode != 0 and "MSRVTT_data.json is not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr  # a user error, not a crash
-    typo_args = [*TINY_OVERRIDES, f"data.root={damaged}", f"output_root={tmp_path / 'typo'}", "trainer.epoch=3"]
+    typo_args = [
+        *TINY_OVERRIDES,
+        *INFONCE,
+        f"data.root={damaged}",
+        f"output_root={tmp_path / 'typo'}",
+        "trainer.epoch=3",
+    ]
     typo = run_script("train.py", typo_args, cwd=tmp_path, check=False)
     assert typo.returncode != 0 and "trainer.epoch" in typo.stderr
     assert not (tmp_path / "typo").exists()  # refused before any work
@@ -169,7 +186,7 @@ def test_malformed_annotation_and_unknown_key_fail_clearly(damaged, tmp_path):
 
 def test_grad_accumulation_and_bf16_autocast_run(tiny_synthetic, tmp_path):
     out = tmp_path / "outputs"
-    args = [*TINY_OVERRIDES, f"data.root={tiny_synthetic}", f"output_root={out}", "trainer.epochs=1"]
+    args = [*TINY_OVERRIDES, *INFONCE, f"data.root={tiny_synthetic}", f"output_root={out}", "trainer.epochs=1"]
     result = run_script("train.py", [*args, "trainer.grad_accum=2", "trainer.mixed_precision=bf16"], cwd=tmp_path)
     # 40 pairs, global batch 8 = 2 micro-batches of 4 per optimiser step: 5 optimiser steps in the epoch
     assert "5 optimiser steps" in result.stdout
