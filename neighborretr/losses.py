@@ -50,6 +50,7 @@ class NeighborRetrCriterion:
 
     Defaults reproduce the official code, quirks included; each switch below restores the clean behaviour of a
     quirk in spec §9 (see docs/PARITY.md): `centrality_mask_padding` and `detach_centrality` (item 6),
+    `centrality_from_bank` (item 6: centrality against the memory bank's tokens instead of the batch's),
     `minmax_over="neighbors"` and `detach_positive_weights` (item 7), `kl_reduction="batchmean"` (item 5), and
     `uniform_logit_scale` (item 3: the official code passes its temperature, 3.0, in this slot).
     """
@@ -70,6 +71,7 @@ class NeighborRetrCriterion:
         uniform_logit_scale: float = 3.0,
         centrality_mask_padding: bool = False,
         detach_centrality: bool = False,
+        centrality_from_bank: bool = False,
         minmax_over: str = "non_neighbors",
         detach_positive_weights: bool = False,
         kl_reduction: str = "official",
@@ -93,6 +95,7 @@ class NeighborRetrCriterion:
             "epsilon": sinkhorn_epsilon,
         }
         self.kl_reduction = kl_reduction
+        self.centrality_from_bank = centrality_from_bank
 
     def __call__(
         self, model: nn.Module, features: dict[str, torch.Tensor], bank: dict[str, torch.Tensor] | None = None
@@ -104,8 +107,9 @@ class NeighborRetrCriterion:
         text_global, video_global = model.global_tokens(t, tm, v, vm)
         global_sim = model.global_similarity(text_global, video_global)
         text_vec, video_vec = model.global_vectors(text_global, video_global)
-        wt = nl.centrality_weights(text_vec, t, tm, **self.centrality)
-        wv = nl.centrality_weights(video_vec, v, vm, **self.centrality)
+        reference = bank if self.centrality_from_bank and bank and len(bank["text"]) else features
+        wt = nl.centrality_weights(text_vec, reference["text"], reference["text_mask"], **self.centrality)
+        wv = nl.centrality_weights(video_vec, reference["video"], reference["video_mask"], **self.centrality)
         terms = {
             "centrality": nl.centrality_weighted_infonce(sim, model.logit_scale, wt, wv),
             "uniform": (self._uniform(global_sim) + self._uniform(global_sim.t())) / 2,

@@ -70,3 +70,19 @@ def test_neighborretr_without_bank_skips_the_neighbour_term_and_kappa_zero_is_in
     assert out["neighbor"].item() == 0.0
     sim = model.similarity(features["text"], features["text_mask"], features["video"], features["video_mask"])
     assert out["centrality"].item() == pytest.approx(symmetric_infonce(sim, model.logit_scale).item(), rel=1e-5)
+
+
+def test_centrality_from_bank_uses_the_bank_tokens():
+    from neighborretr import neighbor_losses as nl
+    from neighborretr.losses import NeighborRetrCriterion
+
+    model, features, bank = _neighborretr_inputs()
+    official = NeighborRetrCriterion(num_neighbors=2)(model, features, bank)["centrality"]
+    from_bank = NeighborRetrCriterion(num_neighbors=2, centrality_from_bank=True)(model, features, bank)["centrality"]
+    assert not torch.isclose(official, from_bank)
+    t, tm, v, vm = (features[k] for k in ("text", "text_mask", "video", "video_mask"))
+    text_vec, video_vec = model.global_vectors(*model.global_tokens(t, tm, v, vm))
+    wt = nl.centrality_weights(text_vec, bank["text"], bank["text_mask"])
+    wv = nl.centrality_weights(video_vec, bank["video"], bank["video_mask"])
+    expected = nl.centrality_weighted_infonce(model.similarity(t, tm, v, vm), model.logit_scale, wt, wv)
+    assert from_bank.item() == pytest.approx(expected.item(), rel=1e-6)
