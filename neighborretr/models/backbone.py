@@ -6,7 +6,6 @@ Only the standard `open_clip.CLIP` layout (separate text modules on the model, a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import open_clip
@@ -134,8 +133,3 @@ def text_tower_shape(clip: open_clip.CLIP) -> tuple[int, int]:
     """(width, heads) of the text transformer, read from its first block."""
     attn = clip.transformer.resblocks[0].attn
     return int(attn.embed_dim), int(attn.num_heads)
-
-
-def default_logit_scale() -> float:
-    """ln(1/0.07), CLIP's initial logit scale, for random models."""
-    return math.log(1 / 0.07)
