@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from neighborretr.data.annotations import PARSERS, AnnotationError, Record
 from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
 from neighborretr.data.sampler import EpochShuffleSampler
+from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import VideoDecodeError
 from neighborretr.engine import BankFeeder
 from neighborretr.memory_bank import MemoryBank
@@ -81,13 +83,25 @@ def shared_run_dir(accelerator: Accelerator) -> Path:
     return Path(path[0])
 
 
+PARSER_OPTIONS = ("train_list", "val_videos", "val_seed")  # data.* keys passed to the parsers that take them
+
+
 def records(cfg: DictConfig, split: str) -> list[Record]:
     parser = PARSERS.get(cfg.data.benchmark)
     if parser is None:
         raise ConfigError(f"data.benchmark={cfg.data.benchmark!r} has no parser; available: {sorted(PARSERS)}")
-    return parser(
-        cfg.data.root, split, train_list=cfg.data.train_list, val_videos=cfg.data.val_videos, val_seed=cfg.data.val_seed
-    )
+    options = {k: cfg.data[k] for k in PARSER_OPTIONS if k in cfg.data}
+    accepted = inspect.signature(parser).parameters
+    extra = sorted(set(options) - set(accepted))
+    if extra:
+        raise ConfigError(f"data.benchmark={cfg.data.benchmark} does not use data.{', data.'.join(extra)}; remove it")
+    return parser(cfg.data.root, split, **options)
+
+
+@functools.cache
+def video_index(video_dir: str) -> VideoIndex:
+    """One scan of the video folder per process, shared by every dataset."""
+    return VideoIndex(video_dir)
 
 
 def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accelerator: Accelerator):
@@ -96,10 +110,11 @@ def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accele
     if not cfg.data.check_videos:
         return split_records
     every = [r for rs in split_records.values() for r in rs]
-    bad = find_bad_videos(every, cfg.data.video_dir, cfg.data.backend, progress=accelerator.is_main_process)
+    videos = video_index(cfg.data.video_dir)
+    bad = find_bad_videos(every, videos, cfg.data.backend, progress=accelerator.is_main_process)
     if not bad:
         return split_records
-    listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items())[:50])
+    listing = "\n".join(f"  {video_id}: {reason}" for video_id, reason in sorted(bad.items())[:50])
     more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
     if not cfg.data.skip_bad_videos:
         raise SystemExit(
@@ -107,14 +122,29 @@ def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accele
             f"Fix: check data.video_dir={cfg.data.video_dir} (see data/README.md), re-encode the broken files "
             "(scripts/prepare_videos.py), or pass data.skip_bad_videos=true to train without them."
         )
-    bad_ids = {Path(p).stem for p in bad}
-    kept = {s: [r for r in rs if r.video_id not in bad_ids] for s, rs in split_records.items()}
+    kept = {s: [r for r in rs if r.video_id not in bad] for s, rs in split_records.items()}
     log.warning("data.skip_bad_videos=true: skipping %d bad video(s):\n%s%s", len(bad), listing, more)
     return kept
 
 
+@functools.cache
+def _augment(config: str | None):
+    if not config:
+        return None
+    from neighborretr.data.augment import ClipRandAugment
+
+    return ClipRandAugment(config)
+
+
 def _dataset(cfg: DictConfig, recs: list[Record], train: bool, **kwargs) -> VideoTextDataset:
     d = cfg.data
+    if kwargs.get("load_video", True):
+        kwargs.update(
+            videos=video_index(d.video_dir),
+            sampling=d.train_sampling if train else d.eval_sampling,
+            framerate=d.video_framerate,
+            augment=_augment(d.rand_augment) if train else None,
+        )
     return VideoTextDataset(
         recs,
         d.video_dir,
@@ -195,7 +225,8 @@ def bank_cache_path(cfg: DictConfig, weights: Path) -> Path:
     stat = weights.stat()
     key = {
         "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
-        "data": [str(cfg.data.root), cfg.data.max_words, cfg.data.max_frames, cfg.data.image_size],
+        "data": [str(cfg.data.root), cfg.data.max_words, cfg.data.max_frames, cfg.data.image_size]
+        + [cfg.data.eval_sampling, cfg.data.video_framerate],
         "bank": [cfg.eval.query_bank_size, cfg.eval.gallery_bank_size, cfg.eval.bank_seed],
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,31 +13,29 @@ from tqdm.auto import tqdm
 
 from neighborretr.data.annotations import Record
 from neighborretr.data.transforms import CaptionTokenizer, clip_frames
-from neighborretr.data.video_io import VIDEO_EXTENSIONS, probe_video, read_frames
+from neighborretr.data.video_files import VideoIndex
+from neighborretr.data.video_io import SAMPLING_MODES, VideoDecodeError, probe_video, read_frames
 
 log = logging.getLogger(__name__)
 
 
-def video_path(video_dir: str | Path, video_id: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> Path:
-    """The file of `video_id` in `video_dir`: the first existing extension, else the first extension's name."""
-    video_dir = Path(video_dir)
-    for ext in extensions:
-        candidate = video_dir / f"{video_id}{ext}"
-        if candidate.is_file():
-            return candidate
-    return video_dir / f"{video_id}{extensions[0]}"
-
-
 def find_bad_videos(
-    records: list[Record], video_dir: str | Path, backend: str = "decord", progress: bool = True
+    records: list[Record],
+    videos: VideoIndex,
+    backend: str = "decord",
+    progress: bool = True,
+    max_frames: int = 1,
 ) -> dict[str, str]:
-    """Opens every distinct video once; returns {path: reason} for the missing or undecodable ones."""
-    paths = sorted({str(video_path(video_dir, r.video_id)) for r in records})
+    """Opens every distinct video once; returns {video_id: reason} for the missing or undecodable ones."""
+    first = {}
+    for r in records:
+        first.setdefault(r.video_id, r)
     bad = {}
-    for path in tqdm(paths, desc="checking videos", disable=not progress, leave=False):
-        reason = probe_video(path, backend=backend)
+    for video_id in tqdm(sorted(first), desc="checking videos", disable=not progress, leave=False):
+        path = videos.find(first[video_id])
+        reason = videos.describe_missing(first[video_id]) if path is None else probe_video(path, backend, max_frames)
         if reason is not None:
-            bad[path] = reason
+            bad[video_id] = reason if path is None else f"{path}: {reason}"
     return bad
 
 
@@ -48,8 +47,10 @@ class VideoTextDataset(Dataset):
     the record). `load_text=False` or `load_video=False` leaves those keys out (evaluation encodes the distinct
     videos once and every caption once).
 
-    Frame sampling is "random" when `train` (a fresh draw per epoch, seeded by seed, epoch and index so that
-    results do not depend on worker count or on resuming) and "uniform" (segment centres) otherwise.
+    Frame sampling (`sampling`, see `read_frames`) defaults to "random" when `train` and "uniform" otherwise.
+    Random draws and `augment` are seeded by seed, epoch and index, so results depend neither on the worker
+    count nor on resuming. `augment(frames [n, H, W, 3] uint8, seed) -> frames` runs only when `train`.
+    `videos` maps records to files (built from `video_dir` when not given).
     """
 
     def __init__(
@@ -64,11 +65,22 @@ class VideoTextDataset(Dataset):
         seed: int = 0,
         load_text: bool = True,
         load_video: bool = True,
+        sampling: str | None = None,
+        framerate: float | None = None,
+        augment: Callable[[np.ndarray, int], np.ndarray] | None = None,
+        videos: VideoIndex | None = None,
     ):
         if not records:
             raise ValueError(f"no annotation records for the videos in {video_dir}")
+        sampling = sampling or ("random" if train else "uniform")
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {SAMPLING_MODES}")
         self.records = records
         self.video_dir = Path(video_dir)
+        self.videos = videos if videos is not None else (VideoIndex(video_dir) if load_video else None)
+        self.sampling = sampling
+        self.framerate = framerate
+        self.augment = augment
         self.video_ids = sorted({r.video_id for r in records})
         self._video_index = {v: i for i, v in enumerate(self.video_ids)}
         self.tokenizer = CaptionTokenizer(max_words)
@@ -91,16 +103,22 @@ class VideoTextDataset(Dataset):
         return self._video_index[video_id]
 
     def _video(self, record: Record, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        path = self.videos.find(record)
+        if path is None:
+            raise VideoDecodeError(self.videos.describe_missing(record))
         frames, _ = read_frames(
-            video_path(self.video_dir, record.video_id),
+            path,
             self.max_frames,
-            mode="random" if self.train else "uniform",
+            mode=self.sampling,
             rng=rng,
             backend=self.backend,
             start=record.start,
             end=record.end,
+            framerate=self.framerate,
         )
+        if self.train and self.augment is not None:
+            frames = self.augment(frames, int(rng.integers(2**31)))
         clip = clip_frames(frames, self.image_size)
         video = torch.zeros(self.max_frames, *clip.shape[1:])
         video[: len(clip)] = clip

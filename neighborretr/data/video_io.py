@@ -1,4 +1,9 @@
-"""Video decoding (decord by default, PyAV as the fallback) and temporal frame sampling."""
+"""Video decoding (decord by default, PyAV as the fallback) and temporal frame sampling.
+
+Both backends answer the same request with the same frame indices: a frame's index is its position in
+presentation order, the segment [start, end] is given in seconds, and `framerate` thins the segment to the
+first frame of every 1/framerate-second step before `max_frames` are sampled from what is left.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
+VIDEO_EXTENSIONS = (
+    ".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".3g2", ".wmv", ".flv",
+    ".mts", ".m2ts", ".ts", ".qt", ".asf", ".divx",
+)  # fmt: skip
+SAMPLING_MODES = ("uniform", "random", "head")
+BACKENDS = ("decord", "pyav")
 
 
 class VideoDecodeError(RuntimeError):
@@ -16,14 +26,17 @@ class VideoDecodeError(RuntimeError):
 def sample_frame_indices(
     num_frames: int, max_frames: int, mode: str, rng: np.random.Generator | None = None, first: int = 0
 ) -> np.ndarray:
-    """Frame indices spread over `num_frames` frames starting at `first`.
+    """Picks up to `max_frames` of `num_frames` consecutive positions starting at `first`.
 
-    The range is cut into min(max_frames, num_frames) equal segments; "uniform" takes each segment's centre
-    (evaluation), "random" a uniformly drawn frame inside each segment (training). Indices are increasing.
+    "head" keeps the first max_frames positions (the official MSR-VTT loader). Otherwise the range is cut into
+    min(max_frames, num_frames) equal segments; "uniform" takes each segment's centre (evaluation), "random" a
+    uniformly drawn position inside each segment (training). Indices are increasing.
     """
     if num_frames <= 0:
         raise ValueError("a video with no frames cannot be sampled")
     count = min(max_frames, num_frames)
+    if mode == "head":
+        return first + np.arange(count, dtype=np.int64)
     edges = np.linspace(0, num_frames, count + 1)
     if mode == "uniform":
         positions = (edges[:-1] + edges[1:]) / 2
@@ -32,45 +45,111 @@ def sample_frame_indices(
             raise ValueError("random sampling needs an rng")
         positions = rng.uniform(edges[:-1], edges[1:])
     else:
-        raise ValueError(f"unknown frame sampling mode {mode!r}; expected 'uniform' or 'random'")
+        raise ValueError(f"unknown frame sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
     return first + np.clip(np.floor(positions).astype(np.int64), 0, num_frames - 1)
 
 
-def _segment(fps: float, total: int, start: float | None, end: float | None) -> tuple[int, int]:
-    """[first, last) frame range of a segment given in seconds; the whole video when both are None."""
+def segment_frames(
+    total: int, fps: float, start: float | None = None, end: float | None = None, framerate: float | None = None
+) -> np.ndarray:
+    """Indices of the frames a request may choose from: those of [start, end] seconds (the whole video when
+    both are None), thinned to the first frame of each 1/framerate-second step when `framerate` is lower than
+    the video's frame rate."""
     first = 0 if start is None else min(total - 1, max(0, int(round(start * fps))))
     last = total if end is None else int(round(end * fps))
-    return first, min(total, max(first + 1, last))
+    last = min(total, max(first + 1, last))
+    if not framerate or framerate >= fps:
+        return np.arange(first, last, dtype=np.int64)
+    step = fps / framerate
+    return first + np.floor(np.arange(0, (last - first) / step) * step).astype(np.int64)
 
 
-def _read_decord(path: Path, max_frames: int, mode: str, rng, start, end) -> tuple[np.ndarray, np.ndarray]:
+def choose_frames(
+    total: int,
+    fps: float,
+    max_frames: int,
+    mode: str,
+    rng: np.random.Generator | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    framerate: float | None = None,
+) -> np.ndarray:
+    """The increasing frame indices a request decodes (see `segment_frames` and `sample_frame_indices`)."""
+    candidates = segment_frames(total, fps, start, end, framerate)
+    return candidates[sample_frame_indices(len(candidates), max_frames, mode, rng)]
+
+
+def _read_decord(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
     import decord
 
+    # One reader per call and one thread each: readers made before DataLoader workers fork deadlock (decord #294).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    total = len(reader)
-    if total == 0:
+    if len(reader) == 0:
         raise VideoDecodeError(f"{path}: the video has no frames")
-    first, last = _segment(reader.get_avg_fps(), total, start, end)
-    indices = sample_frame_indices(last - first, max_frames, mode, rng, first)
+    indices = choose(len(reader), reader.get_avg_fps())
     return reader.get_batch(indices.tolist()).asnumpy(), indices
 
 
-def _read_pyav(path: Path, max_frames: int, mode: str, rng, start, end) -> tuple[np.ndarray, np.ndarray]:
+def _pyav_fps(stream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or 1)
+
+
+def _read_pyav_sparse(container, stream, choose) -> tuple[np.ndarray, np.ndarray] | None:
+    """Decodes only what the chosen frames need: it seeks to the last keyframe before a chosen frame when that
+    skips work, and asks the decoder to drop non-reference frames that are not chosen (nothing depends on them).
+    Returns None when the packets lack timestamps, so the caller falls back to decoding everything."""
+    packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+    if not packets or any(pts is None for pts, _ in packets) or len({pts for pts, _ in packets}) < len(packets):
+        return None
+    order = sorted(pts for pts, _ in packets)  # presentation order = frame index order
+    keyframes = sorted(pts for pts, key in packets if key)
+    indices = choose(len(order), _pyav_fps(stream))
+    wanted = {order[i] for i in indices}
+    got: dict[int, np.ndarray] = {}
+    codec = stream.codec_context
+    codec.thread_count = 1  # the DataLoader workers are the parallelism, as with decord
+    position = None  # pts of the last frame decoded since the last seek
+    for target in sorted(wanted):
+        if target in got:
+            continue
+        key = keyframes[max(0, np.searchsorted(keyframes, target, side="right") - 1)]
+        if position is None or key > position:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+        for packet in container.demux(stream):
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+            for frame in codec.decode(packet if packet.size else None):
+                position = frame.pts if position is None else max(position, frame.pts)
+                if frame.pts in wanted and frame.pts not in got:
+                    got[frame.pts] = frame.to_ndarray(format="rgb24")
+            if target in got:
+                break
+    if len(got) < len(wanted):
+        return None
+    return np.stack([got[order[i]] for i in indices]), indices
+
+
+def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
     import av
 
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path}: the file has no video stream")
         stream = container.streams.video[0]
-        # Decoding everything is the only exact way to index frames in every container; fine for clips.
+        result = _read_pyav_sparse(container, stream, choose)
+        if result is not None:
+            return result
+        # Containers without usable timestamps: decode everything and index the frames in decoding output order.
+        container.seek(0)
+        stream.codec_context.skip_frame = "DEFAULT"
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        fps = float(stream.average_rate or stream.guessed_rate or 1)
+        fps = _pyav_fps(stream)
     if not frames:
         raise VideoDecodeError(f"{path}: the video has no frames")
-    first, last = _segment(fps, len(frames), start, end)
-    indices = sample_frame_indices(last - first, max_frames, mode, rng, first)
+    indices = choose(len(frames), fps)
     return np.stack([frames[i] for i in indices]), indices
 
 
-_BACKENDS = {"decord": _read_decord, "pyav": _read_pyav}
+_READERS = {"decord": _read_decord, "pyav": _read_pyav}
 
 
 def read_frames(
@@ -81,34 +160,45 @@ def read_frames(
     backend: str = "decord",
     start: float | None = None,
     end: float | None = None,
+    framerate: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decodes up to `max_frames` sampled frames of a video (or of its [start, end] segment, in seconds).
 
+    Args:
+        mode: "uniform", "random" (needs `rng`) or "head"; see `sample_frame_indices`.
+        framerate: frames per second to sample from (e.g. 1, as the official loaders); None = every frame.
+
     Returns:
-        frames [n, H, W, 3] uint8 RGB with n = min(max_frames, frames in range), and their indices [n].
+        frames [n, H, W, 3] uint8 RGB with n = min(max_frames, frames to choose from), and their indices [n].
 
     Raises:
         VideoDecodeError: with the path and the reason, for a missing, empty or undecodable file.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; expected one of {sorted(_BACKENDS)}")
+    if backend not in _READERS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown frame sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"{path}: the file is empty (0 bytes)")
+
+    def choose(total: int, fps: float) -> np.ndarray:
+        return choose_frames(total, fps, max_frames, mode, rng, start, end, framerate)
+
     try:
-        return _BACKENDS[backend](path, max_frames, mode, rng, start, end)
+        return _READERS[backend](path, choose)
     except VideoDecodeError:
         raise
     except Exception as err:  # decoders raise many unrelated types; callers need one with the path
         raise VideoDecodeError(f"{path}: cannot decode with {backend} ({type(err).__name__}: {err})") from err
 
 
-def probe_video(path: str | Path, backend: str = "decord") -> str | None:
-    """Returns None when the video opens and its first frame decodes, else the reason it does not."""
+def probe_video(path: str | Path, backend: str = "decord", max_frames: int = 1) -> str | None:
+    """Returns None when the video opens and `max_frames` frames spread over it decode, else the reason."""
     try:
-        read_frames(path, max_frames=1, mode="uniform", backend=backend, end=None)
+        read_frames(path, max_frames=max_frames, mode="uniform", backend=backend)
     except VideoDecodeError as err:
         return str(err).split(": ", 1)[-1]
     return None

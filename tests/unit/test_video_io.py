@@ -4,7 +4,15 @@ import torch
 
 from neighborretr.data.annotations import Record
 from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
-from neighborretr.data.video_io import VideoDecodeError, probe_video, read_frames, sample_frame_indices
+from neighborretr.data.video_files import VideoIndex
+from neighborretr.data.video_io import (
+    VideoDecodeError,
+    choose_frames,
+    probe_video,
+    read_frames,
+    sample_frame_indices,
+    segment_frames,
+)
 from tests.conftest import frame_numbers, write_numbered_video
 
 
@@ -25,6 +33,28 @@ def test_random_indices_stay_inside_their_segments():
     assert len(seen) == 20  # every frame is reachable
 
 
+def test_head_keeps_the_first_frames():
+    np.testing.assert_array_equal(sample_frame_indices(20, 4, "head"), [0, 1, 2, 3])
+    np.testing.assert_array_equal(sample_frame_indices(3, 8, "head", first=2), [2, 3, 4])
+
+
+def test_framerate_keeps_the_first_frame_of_each_step():
+    # 30 fps thinned to 1 fps: the first frame of every second, as the official loaders read them.
+    np.testing.assert_array_equal(segment_frames(95, 30.0, framerate=1), [0, 30, 60, 90])
+    np.testing.assert_array_equal(segment_frames(100, 25.0, framerate=2), [0, 12, 25, 37, 50, 62, 75, 87])
+    np.testing.assert_array_equal(segment_frames(10, 10.0, framerate=25), np.arange(10))  # never upsampled
+    # a 2 s .. 4 s segment at 10 fps, thinned to 2 fps
+    np.testing.assert_array_equal(segment_frames(100, 10.0, start=2.0, end=4.0, framerate=2), [20, 25, 30, 35])
+    # official MSR-VTT: 1 fps, first 12 frames of a 20 s, 30 fps video
+    np.testing.assert_array_equal(choose_frames(600, 30.0, 12, "head", framerate=1), np.arange(12) * 30)
+    np.testing.assert_array_equal(choose_frames(600, 30.0, 4, "uniform", framerate=1), [60, 210, 360, 510])
+
+
+def test_segment_is_clamped_to_the_video():
+    np.testing.assert_array_equal(segment_frames(10, 10.0, start=0.0, end=31.0), np.arange(10))  # DiDeMo [0, 31]
+    np.testing.assert_array_equal(segment_frames(10, 10.0, start=0.5, end=0.5), [5])  # never empty
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_read_frames_returns_the_requested_frames(tmp_path, backend):
     path = write_numbered_video(tmp_path / "v.mp4", num_frames=20)
@@ -41,6 +71,65 @@ def test_decord_and_pyav_agree(tmp_path):
     b, ib = read_frames(path, 5, "uniform", backend="pyav")
     np.testing.assert_array_equal(ia, ib)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def write_counted_video(path, num_frames: int, fps: int = 25, gop: int = 12):
+    """An H.264 mp4 with B-frames and a keyframe every `gop` frames (so sparse decoding must seek and skip);
+    frame i has the grey level 16 + 6·(i % 40) on its left half and 16 + 6·(i // 40) on its right half."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "0", "preset": "medium", "g": str(gop), "keyint_min": str(gop), "bf": "3"}
+        for i in range(num_frames):
+            frame = np.empty((32, 32, 3), dtype=np.uint8)
+            frame[:, :16], frame[:, 16:] = 16 + 6 * (i % 40), 16 + 6 * (i // 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def counted(frames) -> list[int]:
+    level = lambda x: int(round((float(x.mean()) - 16) / 6))  # noqa: E731
+    return [level(f[:, 4:12]) + 40 * level(f[:, 20:28]) for f in frames]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        dict(mode="uniform"),
+        dict(mode="head", framerate=1),
+        dict(mode="uniform", start=2.3, end=5.1),
+        dict(mode="random", framerate=5),
+        dict(mode="uniform", framerate=1, start=0.0, end=31.0),
+    ],
+)
+def test_backends_give_the_same_frames_with_b_frames_and_seeking(tmp_path, request_):
+    path = write_counted_video(tmp_path / "v.mp4", num_frames=200)
+    out = {}
+    for backend in ("decord", "pyav"):
+        rng = np.random.default_rng(7)
+        out[backend] = read_frames(path, 12, backend=backend, rng=rng, **request_)
+    (a, ia), (b, ib) = out["decord"], out["pyav"]
+    np.testing.assert_array_equal(ia, ib)
+    assert counted(a) == counted(b) == ia.tolist()  # the pixels are those of the requested frames
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_pyav_decodes_sparsely_on_mp4(tmp_path, monkeypatch):
+    """The PyAV reader must take its seek-and-skip path on an ordinary mp4, not the decode-everything one."""
+    import neighborretr.data.video_io as vio
+
+    path = write_counted_video(tmp_path / "v.mp4", num_frames=120)
+    calls = []
+    sparse = vio._read_pyav_sparse
+    monkeypatch.setattr(vio, "_read_pyav_sparse", lambda *a: calls.append(result := sparse(*a)) or result)
+    frames, idx = read_frames(path, 4, backend="pyav")
+    assert calls and calls[0] is not None and counted(frames) == idx.tolist()
 
 
 def test_missing_empty_and_corrupt_videos_are_named(tmp_path):
@@ -89,6 +178,7 @@ def test_find_bad_videos_lists_missing_and_corrupt(tmp_path):
     write_numbered_video(tmp_path / "good.mp4", num_frames=5)
     (tmp_path / "broken.mp4").write_bytes(b"\x00" * 64)
     records = [Record("good", "x"), Record("broken", "y"), Record("absent", "z"), Record("absent", "w")]
-    bad = find_bad_videos(records, tmp_path, progress=False)
-    assert sorted(bad) == [str(tmp_path / "absent.mp4"), str(tmp_path / "broken.mp4")]
-    assert bad[str(tmp_path / "absent.mp4")] == "file not found"
+    bad = find_bad_videos(records, VideoIndex(tmp_path), progress=False)
+    assert sorted(bad) == ["absent", "broken"]
+    assert bad["absent"] == f"no file for video 'absent' under {tmp_path} (looked for absent.*)"
+    assert bad["broken"].startswith(f"{tmp_path / 'broken.mp4'}: cannot decode")
