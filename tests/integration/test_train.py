@@ -160,7 +160,8 @@ def test_missing_and_corrupt_videos_stop_the_run_with_their_paths(damaged, tmp_p
     result = run_script("train.py", args, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "2 video(s) are missing or cannot be decoded" in result.stderr
-    assert "video3.mp4: file not found" in result.stderr and "video5.mp4: cannot decode" in result.stderr
+    assert "video3: no file for video 'video3'" in result.stderr
+    assert "video5: " in result.stderr and "video5.mp4: cannot decode" in result.stderr
     assert "data.skip_bad_videos=true" in result.stderr
     skipped = run_script("train.py", [*args, "data.skip_bad_videos=true", "trainer.epochs=1"], cwd=tmp_path)
     assert "skipping 2 bad video(s)" in skipped.stdout + skipped.stderr

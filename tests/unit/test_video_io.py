@@ -182,3 +182,15 @@ def test_find_bad_videos_lists_missing_and_corrupt(tmp_path):
     assert sorted(bad) == ["absent", "broken"]
     assert bad["absent"] == f"no file for video 'absent' under {tmp_path} (looked for absent.*)"
     assert bad["broken"].startswith(f"{tmp_path / 'broken.mp4'}: cannot decode")
+
+
+def test_clip_frames_matches_torchvision_reference():
+    import torchvision.transforms.v2.functional as TF
+
+    from neighborretr.data.transforms import CLIP_MEAN, CLIP_STD, clip_frames
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 48, 80, 3), dtype=np.uint8)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    x = TF.center_crop(TF.resize(x, 32, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [32, 32])
+    reference = TF.normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(clip_frames(frames, 32), reference, atol=1e-5, rtol=0)
