@@ -99,9 +99,9 @@ def main(cfg: DictConfig) -> dict:
         accelerator.load_state(str(resume_from))
     init_tracker(accelerator, cfg, run_dir, job_type="train")
     accelerator.print(
-        f"run dir {run_dir}\n{len(splits['train'])} train pairs, {len(splits['val'])} val and "
-        f"{len(splits['test'])} test captions; {accelerator.num_processes} process(es), "
-        f"{total_steps} optimiser steps"
+        f"run dir {run_dir}\n{cfg.data.benchmark}: "
+        + ", ".join(f"{s} {len(r)} captions / {len({x.video_id for x in r})} videos" for s, r in splits.items())
+        + f"; {accelerator.num_processes} process(es), {total_steps} optimiser steps"
     )
 
     t = cfg.trainer
