@@ -106,12 +106,16 @@ def video_index(video_dir: str) -> VideoIndex:
 
 def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accelerator: Accelerator):
     """Stops before training with the list of missing/undecodable videos, or drops them when
-    data.skip_bad_videos=true. Every process checks (cheap at the sizes where it matters: a header read)."""
+    data.skip_bad_videos=true. The main process checks, with data.num_workers processes, and tells the others."""
     if not cfg.data.check_videos:
         return split_records
     every = [r for rs in split_records.values() for r in rs]
-    videos = video_index(cfg.data.video_dir)
-    bad = find_bad_videos(every, videos, cfg.data.backend, progress=accelerator.is_main_process)
+    bad = [None]
+    if accelerator.is_main_process:
+        bad = [find_bad_videos(every, video_index(cfg.data.video_dir), cfg.data.backend, True, cfg.data.num_workers)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(bad)
+    bad = bad[0]
     if not bad:
         return split_records
     listing = "\n".join(f"  {video_id}: {reason}" for video_id, reason in sorted(bad.items())[:50])

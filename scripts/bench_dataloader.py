@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
@@ -163,9 +164,9 @@ def markdown(rows: list[dict], machine: str) -> str:
     lines = [
         "# Training-loader throughput",
         "",
-        f"Machine: {machine}. Command: `python scripts/bench_dataloader.py` (one pass over the clips, first batch",
-        "excluded). Ratio = clips/s divided by the naive OpenCV loader's clips/s on the same videos with the same",
-        "worker count.",
+        f"Machine: {machine}. Command: `python scripts/bench_dataloader.py {' '.join(sys.argv[1:])}`.",
+        "One pass over the clips per row, first batch excluded. Ratio = clips/s divided by the naive OpenCV",
+        "loader's clips/s on the same videos with the same worker count.",
         "",
         "| videos | loader | workers | clips/s | ratio to naive |",
         "|---|---|---|---|---|",
@@ -187,7 +188,7 @@ def main() -> None:
     parser.add_argument("--keyint", type=int, default=None, help="maximum keyframe interval (default: libx264's 250)")
     parser.add_argument("--cache", type=Path, default=Path("data/bench_videos"), help="generated videos (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/dataloader.jsonl"))
-    parser.add_argument("--table", type=Path, default=Path("docs/results/dataloader.md"))
+    parser.add_argument("--table", type=Path, default=None, help="default: docs/results/dataloader[_keyintN].md")
     args = parser.parse_args()
 
     from neighborretr.data.prepare import prepare_folder
@@ -232,8 +233,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(markdown(rows, machine) + f"\nSource clips: {rows[0]['source_clips']} ({frames} frames).\n")
+    table = args.table or Path(f"docs/results/dataloader{tag}.md")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(markdown(rows, machine) + f"\nSource clips: {rows[0]['source_clips']} ({frames} frames).\n")
     print(markdown(rows, machine))
 
 

@@ -9,34 +9,35 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from neighborretr.data.annotations import Record
 from neighborretr.data.transforms import CaptionTokenizer, clip_frames
 from neighborretr.data.video_files import VideoIndex
-from neighborretr.data.video_io import SAMPLING_MODES, VideoDecodeError, probe_video, read_frames
+from neighborretr.data.video_io import SAMPLING_MODES, ProbeRequest, VideoDecodeError, probe_videos, read_frames
 
 log = logging.getLogger(__name__)
 
 
 def find_bad_videos(
-    records: list[Record],
-    videos: VideoIndex,
-    backend: str = "decord",
-    progress: bool = True,
-    max_frames: int = 1,
+    records: list[Record], videos: VideoIndex, backend: str = "decord", progress: bool = True, workers: int = 1
 ) -> dict[str, str]:
-    """Opens every distinct video once; returns {video_id: reason} for the missing or undecodable ones."""
+    """Opens every distinct video once (decoding one frame of its segment, in `workers` processes); returns
+    {video_id: reason} for the missing or undecodable ones."""
     first = {}
     for r in records:
         first.setdefault(r.video_id, r)
-    bad = {}
-    for video_id in tqdm(sorted(first), desc="checking videos", disable=not progress, leave=False):
-        path = videos.find(first[video_id])
-        reason = videos.describe_missing(first[video_id]) if path is None else probe_video(path, backend, max_frames)
+    bad, found = {}, {}
+    for video_id, record in sorted(first.items()):
+        path = videos.find(record)
+        if path is None:
+            bad[video_id] = videos.describe_missing(record)
+        else:
+            found[video_id] = ProbeRequest(str(path), 1, record.start, record.end)
+    reasons = probe_videos(list(found.values()), backend, workers, progress)
+    for (video_id, request), reason in zip(found.items(), reasons):
         if reason is not None:
-            bad[video_id] = reason if path is None else f"{path}: {reason}"
-    return bad
+            bad[video_id] = f"{request.path}: {reason}"
+    return dict(sorted(bad.items()))
 
 
 class VideoTextDataset(Dataset):

@@ -6,15 +6,12 @@ import csv
 import math
 import os
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from neighborretr.data.annotations import Record
 from neighborretr.data.video_files import VideoIndex
-from neighborretr.data.video_io import EMPTY_FILE, NO_FRAMES, probe_video
+from neighborretr.data.video_io import EMPTY_FILE, NO_FRAMES, ProbeRequest, probe_videos
 
 ERROR_KINDS = ("missing", "zero-length", "corrupt", "duplicate")  # any of these makes the data unusable as is
 NOTE_KINDS = ("ambiguous", "repeated-caption")  # worth knowing, harmless for training
@@ -60,11 +57,6 @@ def duplicate_problems(splits: dict[str, list[Record]]) -> list[Problem]:
     return problems
 
 
-def _probe(job: tuple[str, str, int, float | None, float | None, float | None]) -> str | None:
-    path, backend, max_frames, start, end, framerate = job
-    return probe_video(path, backend, max_frames, start, end, framerate)
-
-
 def _kind(reason: str) -> str:
     return "zero-length" if reason in (EMPTY_FILE, NO_FRAMES) else "corrupt"
 
@@ -94,18 +86,12 @@ def video_problems(
         if len(found) > 1:
             detail = f"{len(found)} files match; using the first: {', '.join(str(p) for p in found)}"
             problems.append(Problem("ambiguous", split, video_id, str(found[0]), detail))
-        jobs.append((str(found[0]), backend, max_frames, record.start, record.end, framerate))
+        jobs.append(ProbeRequest(str(found[0]), max_frames, record.start, record.end, framerate))
         owners.append((split, video_id))
-    workers = workers or os.cpu_count() or 1
-    bar = dict(total=len(jobs), desc="decoding videos", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            reasons = list(tqdm(pool.map(_probe, jobs, chunksize=8), **bar))
-    else:
-        reasons = [_probe(job) for job in tqdm(jobs, **bar)]
+    reasons = probe_videos(jobs, backend, workers or os.cpu_count() or 1, progress)
     for (split, video_id), job, reason in zip(owners, jobs, reasons):
         if reason is not None:
-            problems.append(Problem(_kind(reason), split, video_id, job[0], reason))
+            problems.append(Problem(_kind(reason), split, video_id, job.path, reason))
     return problems
 
 

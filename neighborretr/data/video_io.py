@@ -7,9 +7,13 @@ first frame of every 1/framerate-second step before `max_frames` are sampled fro
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".3g2", ".wmv", ".flv",
@@ -214,3 +218,32 @@ def probe_video(
     except VideoDecodeError as err:
         return str(err).split(": ", 1)[-1]
     return None
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What `probe_video` decodes of one file: `max_frames` spread over [start, end] s at `framerate`."""
+
+    path: str
+    max_frames: int = 1
+    start: float | None = None
+    end: float | None = None
+    framerate: float | None = None
+
+
+def _probe(args: tuple) -> str | None:
+    path, max_frames, start, end, framerate, backend = args
+    return probe_video(path, backend, max_frames, start, end, framerate)
+
+
+def probe_videos(
+    requests: list[ProbeRequest], backend: str = "decord", workers: int = 1, progress: bool = True
+) -> list[str | None]:
+    """`probe_video` for many files, in order, with `workers` processes. The processes are spawned, not forked:
+    a forked copy of a process that holds open decoders can hang (decord #294)."""
+    jobs = [(*astuple(r), backend) for r in requests]
+    bar = dict(total=len(jobs), desc="checking videos", disable=not progress, leave=False)
+    if workers <= 1 or len(jobs) < 2 * workers:
+        return [_probe(job) for job in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_probe, jobs, chunksize=16), **bar))
