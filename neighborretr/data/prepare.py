@@ -27,7 +27,7 @@ import av
 from av.video.frame import PictureType
 from tqdm import tqdm
 
-from neighborretr.data.video_io import VIDEO_EXTENSIONS
+from neighborretr.data.video_io import EMPTY_FILE, VIDEO_EXTENSIONS
 
 MANIFEST_NAME = "prepare_videos.json"
 # crf 23 is x264's default quality: artefacts stay far below what a 224 px CLIP input can see. "veryfast" is
@@ -120,6 +120,8 @@ def _convert(src: Path, dst: Path, fps: float, short_side: int, threads: int) ->
 
 
 def _transcode(src: Path, out_path: Path, rate: Fraction, short_side: int, threads: int) -> None:
+    if src.is_file() and src.stat().st_size == 0:
+        raise PrepareError(src, EMPTY_FILE)  # say so plainly instead of libav's "Invalid data found"
     try:
         source = av.open(str(src))
     except (av.error.FFmpegError, OSError) as err:

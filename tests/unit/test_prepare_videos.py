@@ -245,6 +245,7 @@ def test_prepare_folder_mirrors_reports_failures_and_resumes(src, tmp_path):
     assert first.converted == good and first.skipped == []
     assert sorted(first.failed) == ["empty.mp4", "land.webm", "sub/junk.avi"]
     assert "same output land.mp4 as land.mp4" in first.failed["land.webm"]
+    assert first.failed["empty.mp4"] == "the file is empty (0 bytes)"
     assert all(first.failed.values())
     assert sorted(_mtimes(dst)) == sorted(str(Path(n).with_suffix(".mp4").as_posix()) for n in good)
     assert _probe(dst / "land.mp4")["types"] == ["video"]  # from land.mp4, not the mpeg4 land.webm
