@@ -106,13 +106,17 @@ def video_index(video_dir: str) -> VideoIndex:
 
 def check_videos(cfg: DictConfig, split_records: dict[str, list[Record]], accelerator: Accelerator):
     """Stops before training with the list of missing/undecodable videos, or drops them when
-    data.skip_bad_videos=true. The main process checks, with data.num_workers processes, and tells the others."""
+    data.skip_bad_videos=true. The main process decodes the frames evaluation reads of every video, with
+    data.num_workers processes, and tells the others."""
     if not cfg.data.check_videos:
         return split_records
     every = [r for rs in split_records.values() for r in rs]
     bad = [None]
     if accelerator.is_main_process:
-        bad = [find_bad_videos(every, video_index(cfg.data.video_dir), cfg.data.backend, True, cfg.data.num_workers)]
+        d = cfg.data
+        videos = video_index(d.video_dir)
+        framerate = d.get("video_framerate")
+        bad = [find_bad_videos(every, videos, d.backend, True, d.num_workers, d.max_frames, framerate)]
     if accelerator.num_processes > 1:
         broadcast_object_list(bad)
     bad = bad[0]

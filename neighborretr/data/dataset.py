@@ -19,10 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def find_bad_videos(
-    records: list[Record], videos: VideoIndex, backend: str = "decord", progress: bool = True, workers: int = 1
+    records: list[Record],
+    videos: VideoIndex,
+    backend: str = "decord",
+    progress: bool = True,
+    workers: int = 1,
+    max_frames: int = 1,
+    framerate: float | None = None,
 ) -> dict[str, str]:
-    """Opens every distinct video once (decoding one frame of its segment, in `workers` processes); returns
-    {video_id: reason} for the missing or undecodable ones."""
+    """Opens every distinct video once and decodes `max_frames` frames spread over its segment (in `workers`
+    processes); returns {video_id: reason} for the missing or undecodable ones."""
     first = {}
     for r in records:
         first.setdefault(r.video_id, r)
@@ -32,7 +38,7 @@ def find_bad_videos(
         if path is None:
             bad[video_id] = videos.describe_missing(record)
         else:
-            found[video_id] = ProbeRequest(str(path), 1, record.start, record.end)
+            found[video_id] = ProbeRequest(str(path), max_frames, record.start, record.end, framerate)
     reasons = probe_videos(list(found.values()), backend, workers, progress)
     for (video_id, request), reason in zip(found.items(), reasons):
         if reason is not None:
@@ -107,7 +113,7 @@ class VideoTextDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         path = self.videos.find(record)
         if path is None:
-            raise VideoDecodeError(self.videos.describe_missing(record))
+            raise VideoDecodeError(self.videos.describe_missing(record))  # no path: the message names the folder
         frames, _ = read_frames(
             path,
             self.max_frames,

@@ -31,7 +31,8 @@ class VideoIndex:
         self._by_name: dict[str, str] = {}
         self._by_stem: dict[str, list[str]] = defaultdict(list)
         rank = {ext: i for i, ext in enumerate(VIDEO_EXTENSIONS)}
-        for folder, _, files in os.walk(self.video_dir):
+        for folder, dirs, files in os.walk(self.video_dir):
+            dirs.sort()  # the first of two same-named files in different folders must not depend on the file system
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 self._by_name.setdefault(name, path)

@@ -28,7 +28,12 @@ NO_FRAMES = "the video has no frames"
 
 
 class VideoDecodeError(RuntimeError):
-    """A video file is missing, empty or cannot be decoded."""
+    """A video file is missing, empty or cannot be decoded; `reason` says why, `path` which file (if any)."""
+
+    def __init__(self, reason: str, path: str | Path | None = None):
+        super().__init__(reason if path is None else f"{path}: {reason}")
+        self.reason = reason
+        self.path = path
 
 
 def sample_frame_indices(
@@ -62,7 +67,9 @@ def segment_frames(
 ) -> np.ndarray:
     """Indices of the frames a request may choose from: those of [start, end] seconds (the whole video when
     both are None), thinned to the first frame of each 1/framerate-second step when `framerate` is lower than
-    the video's frame rate."""
+    the video's frame rate. A video whose frame rate is unknown (0, NaN, inf) is used whole and not thinned."""
+    if not (np.isfinite(fps) and fps > 0):
+        return np.arange(total, dtype=np.int64)
     first = 0 if start is None else min(total - 1, max(0, int(round(start * fps))))
     last = total if end is None else int(round(end * fps))
     last = min(total, max(first + 1, last))
@@ -93,7 +100,7 @@ def _read_decord(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
     # One reader per call and one thread each: readers made before DataLoader workers fork deadlock (decord #294).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     if len(reader) == 0:
-        raise VideoDecodeError(f"{path}: {NO_FRAMES}")
+        raise VideoDecodeError(NO_FRAMES, path)
     indices = choose(len(reader), reader.get_avg_fps())
     return reader.get_batch(indices.tolist()).asnumpy(), indices
 
@@ -105,25 +112,35 @@ def _pyav_fps(stream) -> float:
 def _read_pyav_sparse(container, stream, choose) -> tuple[np.ndarray, np.ndarray] | None:
     """Decodes only what the chosen frames need: it seeks to the last keyframe before a chosen frame when that
     skips work, and asks the decoder to drop non-reference frames that are not chosen (nothing depends on them).
-    Returns None when the packets lack timestamps, so the caller falls back to decoding everything."""
-    packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
-    if not packets or any(pts is None for pts, _ in packets) or len({pts for pts, _ in packets}) < len(packets):
+
+    Returns None whenever the packets cannot be trusted to index the frames (no timestamps, no keyframe first,
+    a seek that lands elsewhere than on the keyframe, a chosen frame that never comes out), so that the caller
+    decodes everything instead. Packets marked discard (mp4 edit-list pre-roll) are not frames.
+    """
+    packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size and not p.is_discard]
+    if not packets or not packets[0][1] or any(pts is None for pts, _ in packets):
         return None
     order = sorted(pts for pts, _ in packets)  # presentation order = frame index order
+    if len(set(order)) < len(order) or order[0] < packets[0][0]:  # frames shown before the first keyframe
+        return None
     keyframes = sorted(pts for pts, key in packets if key)
     indices = choose(len(order), _pyav_fps(stream))
     wanted = {order[i] for i in indices}
     got: dict[int, np.ndarray] = {}
     codec = stream.codec_context
-    codec.thread_count = 1  # the DataLoader workers are the parallelism, as with decord
-    position = None  # pts of the last frame decoded since the last seek
+    position = None  # largest pts decoded since the last seek
     for target in sorted(wanted):
         if target in got:
             continue
         key = keyframes[max(0, np.searchsorted(keyframes, target, side="right") - 1)]
-        if position is None or key > position:
+        seeked = position is None or key > position
+        if seeked:
             container.seek(key, stream=stream, backward=True, any_frame=False)
         for packet in container.demux(stream):
+            if seeked and packet.size:
+                if packet.pts != key:  # containers that seek by dts (MPEG-TS, AVI) may land past the keyframe
+                    return None
+                seeked = False
             codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
             for frame in codec.decode(packet if packet.size else None):
                 position = frame.pts if position is None else max(position, frame.pts)
@@ -131,8 +148,8 @@ def _read_pyav_sparse(container, stream, choose) -> tuple[np.ndarray, np.ndarray
                     got[frame.pts] = frame.to_ndarray(format="rgb24")
             if target in got:
                 break
-    if len(got) < len(wanted):
-        return None
+        if target not in got:  # the decoder is flushed: nothing more can come out of it
+            return None
     return np.stack([got[order[i]] for i in indices]), indices
 
 
@@ -141,9 +158,13 @@ def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
 
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise VideoDecodeError(f"{path}: the file has no video stream")
+            raise VideoDecodeError("the file has no video stream", path)
         stream = container.streams.video[0]
-        result = _read_pyav_sparse(container, stream, choose)
+        stream.codec_context.thread_count = 1  # the DataLoader workers are the parallelism, as with decord
+        try:
+            result = _read_pyav_sparse(container, stream, choose)
+        except av.error.EOFError:
+            result = None
         if result is not None:
             return result
         # Containers without usable timestamps: decode everything and index the frames in decoding output order.
@@ -152,7 +173,7 @@ def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = _pyav_fps(stream)
     if not frames:
-        raise VideoDecodeError(f"{path}: {NO_FRAMES}")
+        raise VideoDecodeError(NO_FRAMES, path)
     indices = choose(len(frames), fps)
     return np.stack([frames[i] for i in indices]), indices
 
@@ -188,9 +209,9 @@ def read_frames(
         raise ValueError(f"unknown frame sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
     path = Path(path)
     if not path.is_file():
-        raise VideoDecodeError(f"{path}: file not found")
+        raise VideoDecodeError("file not found", path)
     if path.stat().st_size == 0:
-        raise VideoDecodeError(f"{path}: {EMPTY_FILE}")
+        raise VideoDecodeError(EMPTY_FILE, path)
 
     def choose(total: int, fps: float) -> np.ndarray:
         return choose_frames(total, fps, max_frames, mode, rng, start, end, framerate)
@@ -200,7 +221,7 @@ def read_frames(
     except VideoDecodeError:
         raise
     except Exception as err:  # decoders raise many unrelated types; callers need one with the path
-        raise VideoDecodeError(f"{path}: cannot decode with {backend} ({type(err).__name__}: {err})") from err
+        raise VideoDecodeError(f"cannot decode with {backend} ({type(err).__name__}: {err})", path) from err
 
 
 def probe_video(
@@ -216,7 +237,7 @@ def probe_video(
     try:
         read_frames(path, max_frames, "uniform", backend=backend, start=start, end=end, framerate=framerate)
     except VideoDecodeError as err:
-        return str(err).split(": ", 1)[-1]
+        return err.reason
     return None
 
 

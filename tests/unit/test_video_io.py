@@ -50,6 +50,11 @@ def test_framerate_keeps_the_first_frame_of_each_step():
     np.testing.assert_array_equal(choose_frames(600, 30.0, 4, "uniform", framerate=1), [60, 210, 360, 510])
 
 
+def test_unknown_frame_rate_uses_the_whole_video():
+    for fps in (0.0, float("nan"), float("inf")):
+        np.testing.assert_array_equal(segment_frames(10, fps, start=0.0, end=31.0, framerate=1), np.arange(10))
+
+
 def test_segment_is_clamped_to_the_video():
     np.testing.assert_array_equal(segment_frames(10, 10.0, start=0.0, end=31.0), np.arange(10))  # DiDeMo [0, 31]
     np.testing.assert_array_equal(segment_frames(10, 10.0, start=0.5, end=0.5), [5])  # never empty
@@ -118,6 +123,39 @@ def test_backends_give_the_same_frames_with_b_frames_and_seeking(tmp_path, reque
     np.testing.assert_array_equal(ia, ib)
     assert counted(a) == counted(b) == ia.tolist()  # the pixels are those of the requested frames
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("container", ["mpegts", "avi"])
+def test_pyav_falls_back_where_seeking_is_unreliable(tmp_path, container):
+    """MPEG-TS and AVI seek by decoding timestamp and may land past the keyframe; the reader must then decode
+    everything rather than return wrong frames or fail."""
+    import av
+
+    path = tmp_path / f"v.{'ts' if container == 'mpegts' else 'avi'}"
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream("libx264" if container == "mpegts" else "mpeg4", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"g": "12", "bf": "3"} | ({"crf": "0"} if container == "mpegts" else {"qscale": "1"})
+        for i in range(60):
+            frame = np.empty((32, 32, 3), dtype=np.uint8)
+            frame[:, :16], frame[:, 16:] = 16 + 6 * (i % 40), 16 + 6 * (i // 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames, idx = read_frames(path, 6, "uniform", backend="pyav")
+    assert idx.tolist() == [5, 15, 25, 35, 45, 55]
+    with av.open(str(path)) as video:
+        every = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    for frame, i in zip(frames, idx):
+        np.testing.assert_array_equal(frame, every[i])  # exactly the frames of a full decode
+
+
+def test_reasons_survive_paths_with_colons(tmp_path):
+    path = tmp_path / "clip: take 2.mp4"
+    path.write_bytes(b"")
+    assert probe_video(path) == "the file is empty (0 bytes)"
 
 
 def test_pyav_decodes_sparsely_on_mp4(tmp_path, monkeypatch):
