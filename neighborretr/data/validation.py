@@ -34,7 +34,9 @@ class Problem:
 
 def duplicate_problems(splits: dict[str, list[Record]]) -> list[Problem]:
     """Videos listed more than once in a split (every record of the video repeated k times), videos present in
-    several splits, and identical captions repeated within one video (a note: real datasets have a few)."""
+    several splits, and identical captions repeated within one video (a note: real datasets have a few).
+    A video listed once whose every caption appears exactly k times is indistinguishable from one listed k
+    times and is reported as listed k times."""
     problems = []
     owners: dict[str, list[str]] = defaultdict(list)
     for split, records in splits.items():
