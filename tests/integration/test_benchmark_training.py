@@ -1,4 +1,5 @@
-"""train.py on benchmarks other than MSR-VTT: the synthetic clips rewritten in ActivityNet's and MSVD's formats."""
+"""train.py on benchmarks other than MSR-VTT: the synthetic clips rewritten in ActivityNet's, MSVD's and DiDeMo's
+formats."""
 
 import json
 import pickle
@@ -44,10 +45,29 @@ def _as_msvd(synthetic, root):
         shutil.copy(path, root / "videos" / path.name)
 
 
-@pytest.mark.parametrize("benchmark", ["activitynet", "msvd"])
+def _as_didemo(synthetic, root):
+    """Training clips split into train and val, test clips -> test; ids are file names, here re-encoded .avi
+    names while the files are .mp4 (the copy most users train on); one description per caption."""
+    root.mkdir()
+    train = parse_msrvtt(synthetic, "train")
+    val_ids = sorted({r.video_id for r in train}, key=lambda v: int(v[5:]))[-4:]
+    splits = {
+        "train": [r for r in train if r.video_id not in val_ids],
+        "val": [r for r in train if r.video_id in val_ids],
+        "test": parse_msrvtt(synthetic, "test"),
+    }
+    for split, recs in splits.items():
+        ids = list(dict.fromkeys(f"{r.video_id}.avi" for r in recs))
+        (root / f"{split}_list.txt").write_text("\n".join(ids) + "\n")
+        data = [{"video": f"{r.video_id}.avi", "description": r.caption, "times": [[0, 0]]} for r in recs]
+        (root / f"{split}_data.json").write_text(json.dumps(data))
+    shutil.copytree(synthetic / "videos", root / "videos")
+
+
+@pytest.mark.parametrize("benchmark", ["activitynet", "msvd", "didemo"])
 def test_training_runs_on_other_benchmark_formats(tiny_synthetic, tmp_path, benchmark):
     root = tmp_path / benchmark
-    (_as_activitynet if benchmark == "activitynet" else _as_msvd)(tiny_synthetic, root)
+    {"activitynet": _as_activitynet, "msvd": _as_msvd, "didemo": _as_didemo}[benchmark](tiny_synthetic, root)
     out = tmp_path / "out"
     args = [
         *TINY_OVERRIDES,
@@ -62,13 +82,14 @@ def test_training_runs_on_other_benchmark_formats(tiny_synthetic, tmp_path, benc
         "data.rand_augment=rand-m7-n4-mstd0.5-inc1",
         "trainer.epochs=1",
     ]
-    if benchmark == "msvd":
-        args.remove("data.val_videos=4")  # MSVD has its own val list; the option is refused for it
+    if benchmark in ("msvd", "didemo"):
+        args.remove("data.val_videos=4")  # these have their own val list; the option is refused for them
     result = run_script("train.py", args, cwd=tmp_path)
     # 24 training clips with 2 captions each (4 held out / listed for val), 8 test clips with 1 caption
     counts = {
         "activitynet": "train 20 captions / 20 videos, val 4 captions / 4 videos, test 8 captions / 8 videos",
         "msvd": "train 40 captions / 20 videos, val 8 captions / 4 videos, test 8 captions / 8 videos",
+        "didemo": "train 20 captions / 20 videos, val 4 captions / 4 videos, test 8 captions / 8 videos",
     }[benchmark]
     assert f"{benchmark}: {counts}" in result.stdout, result.stdout[-2000:]
     (run,) = sorted((out / "synthetic_tiny").glob("*"))
