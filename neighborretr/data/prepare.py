@@ -373,7 +373,8 @@ def _run_jobs(
 
     A worker that dies (a libav crash on a malformed file) breaks the whole pool, and every job in flight
     with it. Keeping only ``workers`` jobs in flight bounds those suspects; each is then re-run alone in a
-    fresh process, which names the culprit, and the rest continue in a new pool.
+    fresh process, which names the culprit, and the rest continue in a new pool. A suspect that had finished
+    its output before the pool went down is reported as skipped by its re-run.
     """
     queue, suspects = list(reversed(jobs)), []
     while queue:

@@ -306,7 +306,10 @@ def test_a_crashing_worker_fails_only_its_file(src, tmp_path):
     outcome = {name: result for name, *result in reports}
     status, reason = outcome.pop("old.avi")
     assert status == "failed" and "crashed" in reason
-    assert all(result == ["converted", ""] for result in outcome.values())
+    # A job in flight beside the crash may have finished its file before the pool went down; its re-run then
+    # finds the good output and says "skipped". Either way every other file ends converted.
+    assert all(result in (["converted", ""], ["skipped", ""]) for result in outcome.values()), outcome
+    assert all(is_good_output(job.dst) for job in jobs if job.name != "old.avi")
 
 
 def _collect_then_run(job):
