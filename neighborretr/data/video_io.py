@@ -167,7 +167,7 @@ def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
             result = None
         if result is not None:
             return result
-        # Containers without usable timestamps: decode everything and index the frames in decoding output order.
+        # The packets cannot index the frames (see _read_pyav_sparse): decode everything, index in output order.
         container.seek(0)
         stream.codec_context.skip_frame = "DEFAULT"
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
