@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from neighborretr.data.annotations import PARSERS, AnnotationError, Record
-from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
+from neighborretr.data.dataset import VideoTextDataset
 from neighborretr.data.sampler import EpochShuffleSampler
+from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import VideoDecodeError
 from neighborretr.engine import BankFeeder

@@ -6,27 +6,15 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
+from tests.conftest import write_numbered_video
 
 CODECS = {".avi": "mpeg4", ".webm": "libvpx-vp9"}  # every other container here gets H.264
 
 
 def write_video(path: Path, num_frames: int = 10, fps: int = 10, size: int = 32) -> Path:
-    """A short clip in the container named by the suffix; frame i is a flat grey of level 16 + 6·i."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(CODECS.get(path.suffix, "libx264"), rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            frame = np.full((size, size, 3), 16 + 6 * i, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """A short clip in the container named by the suffix, at its codec's default settings; frame i is a flat grey
+    of level 16 + 6·i (see tests.conftest.frame_numbers)."""
+    return write_numbered_video(path, num_frames, fps, size, CODECS.get(path.suffix, "libx264"), options={})
 
 
 def write_msvd(root: Path) -> dict[str, list[str]]:

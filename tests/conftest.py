@@ -65,16 +65,20 @@ def run_script(script: str, overrides: list[str], cwd: Path, launcher: list[str]
     return result
 
 
-def write_numbered_video(path: Path, num_frames: int, fps: int = 10, size: int = 32) -> Path:
-    """An H.264 mp4 whose frame i is a flat grey of level 8·i + 16, so decoded pixels reveal the frame index."""
+def write_numbered_video(
+    path: Path, num_frames: int, fps: int = 10, size: int = 32, codec: str = "libx264", options: dict | None = None
+) -> Path:
+    """A video (container from the suffix) whose frame i is a flat grey of level 6·i + 16, so decoded pixels reveal
+    the frame index. Default: lossless H.264 without B-frames; `options` replaces the encoder options."""
     import av
     import numpy as np
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.options = {"crf": "0", "preset": "ultrafast"} if options is None else options
         for i in range(num_frames):
             frame = np.full((size, size, 3), 6 * i + 16, dtype=np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

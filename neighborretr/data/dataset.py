@@ -1,4 +1,4 @@
-"""The one dataset class every benchmark uses, plus the pre-flight check of the video files."""
+"""The one dataset class every benchmark uses."""
 
 from __future__ import annotations
 
@@ -13,37 +13,9 @@ from torch.utils.data import Dataset
 from neighborretr.data.annotations import Record
 from neighborretr.data.transforms import CaptionTokenizer, clip_frames
 from neighborretr.data.video_files import VideoIndex
-from neighborretr.data.video_io import SAMPLING_MODES, ProbeRequest, VideoDecodeError, probe_videos, read_frames
+from neighborretr.data.video_io import SAMPLING_MODES, VideoDecodeError, read_frames
 
 log = logging.getLogger(__name__)
-
-
-def find_bad_videos(
-    records: list[Record],
-    videos: VideoIndex,
-    backend: str = "decord",
-    progress: bool = True,
-    workers: int = 1,
-    max_frames: int = 1,
-    framerate: float | None = None,
-) -> dict[str, str]:
-    """Opens every distinct video once and decodes `max_frames` frames spread over its segment (in `workers`
-    processes); returns {video_id: reason} for the missing or undecodable ones."""
-    first = {}
-    for r in records:
-        first.setdefault(r.video_id, r)
-    bad, found = {}, {}
-    for video_id, record in sorted(first.items()):
-        path = videos.find(record)
-        if path is None:
-            bad[video_id] = videos.describe_missing(record)
-        else:
-            found[video_id] = ProbeRequest(str(path), max_frames, record.start, record.end, framerate)
-    reasons = probe_videos(list(found.values()), backend, workers, progress)
-    for (video_id, request), reason in zip(found.items(), reasons):
-        if reason is not None:
-            bad[video_id] = f"{request.path}: {reason}"
-    return dict(sorted(bad.items()))
 
 
 class VideoTextDataset(Dataset):

@@ -90,11 +90,27 @@ def video_problems(
             problems.append(Problem("ambiguous", split, video_id, str(found[0]), detail))
         jobs.append(ProbeRequest(str(found[0]), max_frames, record.start, record.end, framerate))
         owners.append((split, video_id))
-    reasons = probe_videos(jobs, backend, workers or os.cpu_count() or 1, progress)
+    reasons = probe_videos(jobs, backend, (os.cpu_count() or 1) if workers is None else workers, progress)
     for (split, video_id), job, reason in zip(owners, jobs, reasons):
         if reason is not None:
             problems.append(Problem(_kind(reason), split, video_id, job.path, reason))
     return problems
+
+
+def find_bad_videos(
+    records: list[Record],
+    videos: VideoIndex,
+    backend: str = "decord",
+    progress: bool = True,
+    workers: int = 1,
+    max_frames: int = 1,
+    framerate: float | None = None,
+) -> dict[str, str]:
+    """The training pre-flight check: `video_problems`' errors as {video_id: "path: reason"} (or the lookup
+    message for a missing file), sorted by id."""
+    problems = video_problems({"": records}, videos, backend, max_frames, framerate, workers, progress)
+    bad = {p.video_id: f"{p.path}: {p.detail}" if p.path else p.detail for p in problems if p.is_error}
+    return dict(sorted(bad.items()))
 
 
 def summary_rows(splits: dict[str, list[Record]], problems: list[Problem]) -> list[dict[str, object]]:

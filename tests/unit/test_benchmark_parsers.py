@@ -13,7 +13,8 @@ from neighborretr.data.annotations import (
     parse_didemo,
     parse_msvd,
 )
-from neighborretr.data.dataset import VideoTextDataset, find_bad_videos
+from neighborretr.data.dataset import VideoTextDataset
+from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import VideoDecodeError
 from tests.benchmark_files import write_activitynet, write_didemo, write_msvd, write_video
