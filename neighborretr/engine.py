@@ -19,12 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from neighborretr.distributed import all_gather_with_grad, gather_features
-from neighborretr.memory_bank import MemoryBank
+from neighborretr.metrics_log import MetricsLog
+from neighborretr.train_step import TrainStep, backward_step
 
 log = logging.getLogger(__name__)
 
-Criterion = Callable[..., dict[str, torch.Tensor]]  # (model, gathered features, bank contents | None) -> losses
 Validator = Callable[[], dict[str, dict[str, float]]]
 
 
@@ -49,10 +48,15 @@ class TrainState:
 
 @dataclass
 class FitConfig:
-    """Plain loop settings (the entry point fills them from the Hydra config)."""
+    """The loop's settings (configs/trainer/*.yaml is this class's `_target_`).
 
-    epochs: int
+    `resume`, `mixed_precision` and `cpu` are read by the recipe (checkpoint lookup, the Accelerator); the rest
+    by `fit` and `train_one_epoch`.
+    """
+
     run_dir: Path
+    epochs: int = 5
+    grad_accum: int = 1  # micro-batches per optimiser step; the loss still sees the whole global batch
     max_grad_norm: float = 1.0
     log_every: int = 10
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
@@ -62,6 +66,14 @@ class FitConfig:
     abort_after_steps: int | None = None  # hard-exit after this many steps, to test resuming (debugging)
     max_logit_scale: float = 100.0
     official_gather: bool = False  # True: the official gather backward (local slice, no sum; spec §4)
+    resume: str | None = None  # null | "latest" | a run folder | a checkpoints/step_* folder
+    mixed_precision: str | None = None  # null: the launcher's setting
+    cpu: bool = False
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        if self.grad_accum < 1:
+            raise ValueError(f"trainer.grad_accum={self.grad_accum} must be >= 1")
 
 
 def selection_score(metrics: dict[str, dict[str, float]], name: str) -> float:
@@ -105,53 +117,43 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
-@dataclass
-class BankFeeder:
-    """The memory bank and the loader that refills it at the start of every epoch (its `mb_batch` batches)."""
-
-    bank: MemoryBank
-    loader: DataLoader
-
-
-def _push(bank: MemoryBank, features: dict[str, torch.Tensor], ids: torch.Tensor) -> None:
-    """Adds a gathered batch to the bank; every rank pushes the same global batch, so banks stay identical."""
-    bank.enqueue(
-        features["text"].detach(), features["text_mask"], features["video"].detach(), features["video_mask"], ids
-    )
-
-
 @torch.no_grad()
-def fill_memory_bank(accelerator: Accelerator, model: nn.Module, feeder: BankFeeder) -> None:
-    """Empties the bank and fills it from the feeder loader in eval mode without gradients (spec §3); the
-    batches are gathered across ranks, so every rank holds the same bank (the official code keeps local banks)."""
-    unwrapped = accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    feeder.bank.reset()
-    with accelerator.autocast():
-        for batch in feeder.loader:
-            features = unwrapped(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
-            _push(feeder.bank, gather_features(features), all_gather_with_grad(batch["caption_index"]))
-    unwrapped.train(was_training)
+def _encoded(accelerator: Accelerator, step: nn.Module, loader: DataLoader):
+    """(gathered features, caption ids) of every batch of `loader`, encoded in eval mode without gradients."""
+    model = accelerator.unwrap_model(step).model
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            features = step(batch, encode_only=True)
+            yield features, features["caption_index"]
+    finally:
+        model.train(was_training)
 
 
 def train_one_epoch(
     accelerator: Accelerator,
-    model: nn.Module,
-    criterion: Criterion,
+    step: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     loader: DataLoader,
     state: TrainState,
     cfg: FitConfig,
-    feeder: BankFeeder | None = None,
+    log_metrics: MetricsLog,
+    refill_loader: DataLoader | None = None,
 ) -> bool:
-    """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early."""
-    unwrapped = accelerator.unwrap_model(model)
+    """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early.
+
+    Args:
+        step: the prepared TrainStep (model + objective).
+        refill_loader: the batches the objective's `refill` takes at the start of the epoch (its memory bank).
+    """
+    unwrapped: TrainStep = accelerator.unwrap_model(step)
+    objective = unwrapped.objective
     set_epoch(loader, state.epoch)  # before the refill, which reads the same dataset (frame draws per epoch)
-    if feeder is not None and state.batches_in_epoch == 0:  # a mid-epoch resume restores the bank instead
-        fill_memory_bank(accelerator, model, feeder)
-    model.train()
+    if objective.refill_batches and state.batches_in_epoch == 0:  # a mid-epoch resume restores the state instead
+        objective.refill(_encoded(accelerator, step, refill_loader))
+    step.train()
     batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
     bar = tqdm(
         total=len(loader),
@@ -166,37 +168,31 @@ def train_one_epoch(
     for batch in batches:
         got = time.perf_counter()
         wait += got - tic
-        with accelerator.accumulate(model):
-            features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
-            gathered = gather_features(features, sum_grads=not cfg.official_gather)
-            losses = criterion(unwrapped, gathered, feeder.bank.get() if feeder is not None else None)
-            accelerator.backward(losses["loss"])
-            if feeder is not None:  # after the loss, as the official code: the batch is never its own neighbour
-                _push(feeder.bank, gathered, all_gather_with_grad(batch["caption_index"]))
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        losses, gathered = backward_step(accelerator, step, batch, cfg.grad_accum)
+        # After the backward, as the official code: the batch is never its own neighbour.
+        objective.update(gathered, gathered["caption_index"])
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(step.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        unwrapped.model.clamp_logit_scale(cfg.max_logit_scale)
         state.batches_in_epoch += 1
-        clips += batch["video"].shape[0] * accelerator.num_processes
+        state.global_step += 1
+        clips += len(gathered["caption_index"])
         tic = time.perf_counter()
         busy += tic - got
         bar.update(1)
-        if not accelerator.sync_gradients:
-            continue
-        scheduler.step()
-        unwrapped.clamp_logit_scale(cfg.max_logit_scale)
-        state.global_step += 1
         if state.global_step % cfg.log_every == 0 or state.global_step == 1:
             logs = {f"train/{k}": v.item() for k, v in losses.items()}
             logs |= {
                 "train/lr": _current_lr(optimizer),
-                "train/logit_scale": unwrapped.logit_scale.exp().item(),
+                "train/logit_scale": unwrapped.model.logit_scale.exp().item(),
                 "train/clips_per_s": clips / max(wait + busy, 1e-9),
                 "train/data_wait": wait / max(wait + busy, 1e-9),
                 "epoch": state.epoch,
             }
-            accelerator.log(logs, step=state.global_step)
+            log_metrics(logs, step=state.global_step)
             bar.set_postfix(
                 loss=f"{logs['train/loss']:.3f}",
                 lr=f"{logs['train/lr']:.1e}",
@@ -217,44 +213,56 @@ def train_one_epoch(
     return True
 
 
-def save_best(accelerator: Accelerator, model: nn.Module, run_dir: Path) -> None:
-    """Writes the selected model's weights to run_dir/best/model.pt (every rank takes part, which sharded
-    setups such as FSDP need to assemble the full state dict)."""
-    state = accelerator.get_state_dict(model)
+def save_best(accelerator: Accelerator, step: nn.Module, run_dir: Path) -> None:
+    """Writes the selected model's weights (the retrieval model alone, not the objective) to run_dir/best/model.pt;
+    every rank takes part, which sharded setups need to assemble the full state dict."""
+    state = accelerator.get_state_dict(step)
     if accelerator.is_main_process:
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         (run_dir / "best").mkdir(parents=True, exist_ok=True)
-        accelerator.save(state, run_dir / "best" / "model.pt")
+        accelerator.save(weights, run_dir / "best" / "model.pt")
     accelerator.wait_for_everyone()
 
 
 def fit(
     accelerator: Accelerator,
-    model: nn.Module,
-    criterion: Criterion,
+    step: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
     train_loader: DataLoader,
     validate: Validator,
     state: TrainState,
     cfg: FitConfig,
-    feeder: BankFeeder | None = None,
+    log_metrics: MetricsLog,
+    refill_loader: DataLoader | None = None,
 ) -> TrainState:
     """Trains from `state` to `cfg.epochs`, validating after every epoch and keeping the best model by
-    `cfg.select_metric` (computed on the validation split only) in run_dir/best."""
+    `cfg.select_metric` (computed on the validation split only) in run_dir/best.
+
+    Args:
+        step: the prepared TrainStep (the model and its objective).
+        refill_loader: needed when the objective keeps state refilled every epoch (`refill_batches` > 0).
+    """
+    objective = accelerator.unwrap_model(step).objective
+    if objective.refill_batches and refill_loader is None:
+        raise ValueError(
+            f"{type(objective).__name__} refills its memory bank from {objective.refill_batches} training batches "
+            "every epoch: pass refill_loader"
+        )
     while state.epoch < cfg.epochs:
         finished = train_one_epoch(
-            accelerator, model, criterion, optimizer, scheduler, train_loader, state, cfg, feeder
+            accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader
         )
         metrics = validate()
         # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
         score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
         flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
-        accelerator.log(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
+        log_metrics(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "score": score, **flat})
         improved = score > state.best_score
         if improved:
             state.best_score, state.best_epoch = score, state.epoch
-            save_best(accelerator, model, cfg.run_dir)
+            save_best(accelerator, step, cfg.run_dir)
         accelerator.print(
             f"epoch {state.epoch}: val {cfg.select_metric}={score:.2f} "
             f"(t2v R@1 {metrics['t2v']['R@1']:.1f}, v2t R@1 {metrics['v2t']['R@1']:.1f})"

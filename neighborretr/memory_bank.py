@@ -18,14 +18,18 @@ class MemoryBank(nn.Module):
     Unlike the official code, whose capacity is implied by mb_batch × per-GPU batch (`--memory_size` is unused,
     spec §9 item 2), the capacity here is explicit.
 
+    The item shapes may be left out: the buffers are then allocated by the first `enqueue` (shapes, dtypes and
+    device of that batch) or by `load_state_dict` (those of the saved bank), so the objective that owns the bank
+    can be built before the model and the data settings are known.
+
     Buffers:
         text [C, L, D], text_mask [C, L], video [C, T, D], video_mask [C, T], ids [C] (long),
         size 0-d long (number of filled rows), ptr 0-d long (next ring slot to write).
 
     Args:
         capacity: C, the most items kept.
-        text_shape: (L, D) of one text item's token features.
-        video_shape: (T, D) of one video item's frame features.
+        text_shape: (L, D) of one text item's token features, or None to take it from the first batch.
+        video_shape: (T, D) of one video item's frame features, or None (both or neither).
         dtype: dtype of the feature buffers.
         mask_dtype: dtype of the mask buffers.
     """
@@ -35,25 +39,54 @@ class MemoryBank(nn.Module):
     def __init__(
         self,
         capacity: int,
-        text_shape: tuple[int, int],
-        video_shape: tuple[int, int],
+        text_shape: tuple[int, int] | None = None,
+        video_shape: tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float32,
         mask_dtype: torch.dtype = torch.long,
     ) -> None:
         super().__init__()
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if len(text_shape) != 2 or len(video_shape) != 2:
-            raise ValueError(f"text_shape and video_shape must be (L, D) and (T, D), got {text_shape}, {video_shape}")
+        if (text_shape is None) != (video_shape is None):
+            raise ValueError("give both text_shape and video_shape, or neither")
         self.capacity = capacity
-        (length, dim_t), (frames, dim_v) = text_shape, video_shape
-        self.register_buffer("text", torch.zeros(capacity, length, dim_t, dtype=dtype))
-        self.register_buffer("text_mask", torch.zeros(capacity, length, dtype=mask_dtype))
-        self.register_buffer("video", torch.zeros(capacity, frames, dim_v, dtype=dtype))
-        self.register_buffer("video_mask", torch.zeros(capacity, frames, dtype=mask_dtype))
         self.register_buffer("ids", torch.zeros(capacity, dtype=torch.long))
         self.register_buffer("size", torch.zeros((), dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        for key in ("text", "text_mask", "video", "video_mask"):
+            self.register_buffer(key, None)
+        if text_shape is not None:
+            if len(text_shape) != 2 or len(video_shape) != 2:
+                raise ValueError(
+                    f"text_shape and video_shape must be (L, D) and (T, D), got {text_shape}, {video_shape}"
+                )
+            (length, dim_t), (frames, dim_v) = text_shape, video_shape
+            self._allocate(
+                {
+                    "text": torch.empty(0, length, dim_t, dtype=dtype),
+                    "text_mask": torch.empty(0, length, dtype=mask_dtype),
+                    "video": torch.empty(0, frames, dim_v, dtype=dtype),
+                    "video_mask": torch.empty(0, frames, dtype=mask_dtype),
+                }
+            )
+
+    @property
+    def allocated(self) -> bool:
+        return self.text is not None
+
+    def _allocate(self, like: dict[str, torch.Tensor]) -> None:
+        """Zero buffers of `capacity` rows with the item shape, dtype and device of each example tensor."""
+        for key, value in like.items():
+            setattr(self, key, value.new_zeros((self.capacity, *value.shape[1:])))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A lazily built bank takes its shapes from the saved one before the usual copy.
+        saved = {
+            k: state_dict[prefix + k] for k in ("text", "text_mask", "video", "video_mask") if prefix + k in state_dict
+        }
+        if len(saved) == 4 and not self.allocated:
+            self._allocate({k: v.to(self.ids.device)[:0] for k, v in saved.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, items: dict[str, torch.Tensor]) -> int:
         rows = {key: value.shape[0] if value.ndim else -1 for key, value in items.items()}
@@ -87,6 +120,8 @@ class MemoryBank(nn.Module):
         A batch with n > C keeps only its first (newest) C rows, as `cat([batch, bank])[:C]` would.
         """
         items = {"text": text, "text_mask": text_mask, "video": video, "video_mask": video_mask, "ids": ids}
+        if not self.allocated:
+            self._allocate({k: v.detach().to(self.ids.device) for k, v in items.items() if k != "ids"})
         count = self._check(items)
         if count == 0:
             return
@@ -108,6 +143,8 @@ class MemoryBank(nn.Module):
             S = len(self); copies, so later enqueues do not change them.
         """
         size = len(self)
+        if not self.allocated:
+            return {key: self.ids[:0] for key in self._KEYS}  # nothing has been stored yet
         # The newest item sits just before the write pointer; walk the ring backwards from there.
         order = (self.ptr - 1 - torch.arange(size, device=self.ptr.device)) % self.capacity
         return {key: getattr(self, key).index_select(0, order.to(getattr(self, key).device)) for key in self._KEYS}
@@ -116,7 +153,8 @@ class MemoryBank(nn.Module):
     def reset(self) -> None:
         """Empties the bank (the official code clears it at the end of every epoch)."""
         for key in self._KEYS:
-            getattr(self, key).zero_()
+            if getattr(self, key) is not None:
+                getattr(self, key).zero_()
         self.size.zero_()
         self.ptr.zero_()
 
@@ -128,4 +166,6 @@ class MemoryBank(nn.Module):
         return True
 
     def extra_repr(self) -> str:
+        if not self.allocated:
+            return f"capacity={self.capacity}, shapes from the first batch"
         return f"capacity={self.capacity}, text={tuple(self.text.shape[1:])}, video={tuple(self.video.shape[1:])}"

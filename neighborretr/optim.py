@@ -225,3 +225,20 @@ def build_optimizer(
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def create_optimizer(
+    model: nn.Module,
+    name: str = "adamw",
+    lr: float = 1e-4,
+    weight_decay: float = 0.2,
+    backbone_lr_scale: float = 1.0,
+    betas: Sequence[float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    no_decay: Sequence[str] = ("bias",),
+    max_grad_norm: float = 1.0,
+) -> Optimizer:
+    """`param_groups` + `build_optimizer` in one call (configs/optim/*.yaml is this function's `_partial_` target;
+    the recipe passes the model). `max_grad_norm` is BertAdam's per-tensor clipping; AdamW ignores it."""
+    groups = param_groups(model, lr, weight_decay, backbone_lr_scale, no_decay=tuple(no_decay))
+    return build_optimizer(name, groups, lr, (betas[0], betas[1]), eps, max_grad_norm)

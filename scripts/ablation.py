@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "InfoNCE baseline": ["loss=infonce"],
     "NeighborRetr (all terms)": ["loss=neighborretr"],
-    "- centrality weighting (κ=0)": ["loss=neighborretr", "loss.criterion.centrality_scale=0"],
-    "- neighbour adjusting": ["loss=neighborretr", "loss.criterion.neighbor_weight=0"],
-    "- uniform regulariser": ["loss=neighborretr", "loss.criterion.uniform_weight=0"],
-    "- KL consistency": ["loss=neighborretr", "loss.criterion.kl_weight=0"],
+    "- centrality weighting (κ=0)": ["loss=neighborretr", "loss.centrality_scale=0"],
+    "- neighbour adjusting": ["loss=neighborretr", "loss.neighbor_weight=0"],
+    "- uniform regulariser": ["loss=neighborretr", "loss.uniform_weight=0"],
+    "- KL consistency": ["loss=neighborretr", "loss.kl_weight=0"],
     "NeighborRetr, official unnormalised global level": ["loss=neighborretr", "model.normalize_global=false"],
 }
 

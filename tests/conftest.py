@@ -51,7 +51,7 @@ TINY_OVERRIDES = [
 ]
 # Pick one loss after TINY_OVERRIDES (the demo experiment's own loss is NeighborRetr with a batch-64 setup).
 INFONCE = ["loss=infonce"]
-NEIGHBORRETR = ["loss=neighborretr", "loss.criterion.num_neighbors=4", "loss.memory_size=16", "loss.mb_batch=2"]
+NEIGHBORRETR = ["loss=neighborretr", "loss.num_neighbors=4", "loss.memory_size=16", "loss.mb_batch=2"]
 
 
 def run_script(script: str, overrides: list[str], cwd: Path, launcher: list[str] | None = None, check: bool = True):

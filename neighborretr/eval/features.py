@@ -8,8 +8,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from neighborretr.eval.metrics import retrieval_metrics
-
 
 @torch.no_grad()
 def _encode(
@@ -81,12 +79,3 @@ def score_split(
     """Text-video similarity [Nt, Nv] of encoded features, computed in chunks on `device`."""
     to = {k: v.to(device) for k, v in features.items()}
     return model.chunked_similarity(to["text"], to["text_mask"], to["video"], to["video_mask"], chunk_size).cpu()
-
-
-def evaluate_split(
-    accelerator: Accelerator, model: nn.Module, text_loader: DataLoader, video_loader: DataLoader, chunk_size: int = 256
-) -> dict[str, dict[str, float]]:
-    """Encodes, scores and ranks a split: {"t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...}}."""
-    features = encode_split(accelerator, model, text_loader, video_loader)
-    sim = score_split(accelerator.unwrap_model(model), features, accelerator.device, chunk_size)
-    return retrieval_metrics(sim, features["caption_to_video"])

@@ -4,6 +4,7 @@ with retrieval and hubness metrics, written as a table, JSON, k-occurrence plots
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,12 +90,21 @@ def evaluate_report(
     return {"rows": rows, "params": params, "counts": counts}
 
 
-def write_report(accelerator: Accelerator, report: dict, out_dir: Path, name: str, k: int, step: int | None = None):
+def write_report(
+    accelerator: Accelerator,
+    report: dict,
+    out_dir: Path,
+    name: str,
+    k: int,
+    step: int | None = None,
+    log_metrics: Callable[[dict, int | None], None] | None = None,
+):
     """Prints the table, writes `<name>_metrics.json` and `<name>_k_occurrence_<direction>.png`, and logs the
-    rows (and the plots, for trackers that take images) to the trackers. Main process only."""
+    rows (and the plots, for trackers that take images) with `log_metrics` (default: `accelerator.log`) and to
+    the trackers. Files and printing: main process only."""
     rows = report["rows"]
     flat = {f"{name}/{m}/{d}/{key}": v for m, r in rows.items() for d, mr in r.items() for key, v in mr.items()}
-    accelerator.log(flat, step=step)
+    (log_metrics or accelerator.log)(flat, step=step)
     if not accelerator.is_main_process:
         return
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,5 @@
 """Every config composes, every model config builds, and a mistyped key is refused before any work."""
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -11,8 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import _setup  # noqa: E402,F401  (registers the rank_zero_dir resolver)
+import neighborretr_train.common  # noqa: E402,F401  (registers the rank_zero_dir resolver)
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs/experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (ROOT / "configs/model").glob("*.yaml"))
@@ -37,15 +35,22 @@ def test_paper_recipe_values():
     cfg = _compose("train", ["experiment=msrvtt_vitb32"])
     assert (cfg.data.batch_size, cfg.data.max_words, cfg.data.max_frames, cfg.trainer.epochs) == (128, 24, 12, 5)
     assert (cfg.loss.mb_batch, cfg.loss.memory_size, cfg.model.high_level) == (15, 512, True)
-    c = cfg.loss.criterion
+    c = cfg.loss
     assert (c.centrality_scale, c.num_neighbors, c.temperature, c.beta) == (0.3, 20, 3.0, 0.7)
     an = _compose("train", ["experiment=activitynet_vitb32"])
     assert (an.data.max_words, an.data.max_frames, an.trainer.epochs, an.loss.memory_size) == (64, 64, 10, 1024)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.backbone_lr_scale, cfg.optim.weight_decay) == (
+    assert (
+        cfg.optim.name,
+        cfg.optim.lr,
+        cfg.optim.backbone_lr_scale,
+        cfg.optim.weight_decay,
+        cfg.scheduler.warmup,
+    ) == (
         "bertadam",
         1e-4,
         1e-3,
         0.2,
+        0.1,
     )
 
 
@@ -77,11 +82,12 @@ def test_every_experiment_builds_its_model_and_loss(experiment):
     """Random weights on CPU; NeighborRetr recipes also run their high level at their own words/frames."""
     cfg = _compose("train", [f"experiment={experiment}"])
     model = hydra.utils.instantiate(cfg.model)
-    criterion = hydra.utils.instantiate(cfg.loss.criterion)
+    objective = hydra.utils.instantiate(cfg.loss)
     assert cfg.data.max_words <= model.context_length
-    if not criterion.uses_memory_bank:
+    objective.check_batch(cfg.data.batch_size)  # raises when the global batch is too small for the loss
+    if not hasattr(objective, "bank"):
         return
-    assert model.high_level and cfg.data.batch_size >= cfg.loss.criterion.num_neighbors + 2
+    assert model.high_level and objective.bank.capacity == cfg.loss.memory_size
     b, dim = 3, model.embed_dim
     text, video = torch.randn(b, cfg.data.max_words, dim), torch.randn(b, cfg.data.max_frames, dim)
     text_mask, video_mask = torch.ones(b, cfg.data.max_words), torch.ones(b, cfg.data.max_frames)

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from neighborretr.data.annotations import parse_msrvtt
 from neighborretr.data.dataset import VideoTextDataset
-from neighborretr.losses import InfoNCECriterion
+from neighborretr.objectives import InfoNCEObjective
 from neighborretr.models.builders import tiny
-from neighborretr.optim import build_optimizer, param_groups
+from neighborretr.optim import create_optimizer
 from tests.conftest import INFONCE, NEIGHBORRETR, TINY_OVERRIDES, run_script
 
 pytestmark = pytest.mark.integration
@@ -29,8 +29,8 @@ def test_a_few_steps_lower_the_loss(tiny_synthetic):
     ds = VideoTextDataset(records, tiny_synthetic / "videos", max_words=16, max_frames=4, image_size=32)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     model = tiny(image_size=32, width=64, embed_dim=64)
-    optimizer = build_optimizer("adamw", param_groups(model, 1e-3, 0.0, 1.0), 1e-3)
-    criterion, losses = InfoNCECriterion(), []
+    optimizer = create_optimizer(model, "adamw", lr=1e-3, weight_decay=0.0)
+    criterion, losses = InfoNCEObjective(), []
     for _ in range(12):
         features = model(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
         loss = criterion(model, features)["loss"]

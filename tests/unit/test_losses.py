@@ -45,13 +45,30 @@ def _neighborretr_inputs(b=6):
     return model, features, bank
 
 
-def test_neighborretr_criterion_is_the_weighted_sum_of_its_logged_terms():
-    from neighborretr.losses import NeighborRetrCriterion
+def _objective(bank: dict, **kwargs):
+    """A NeighborRetrObjective whose memory bank holds exactly `bank` (refilled as the loop would)."""
+    from neighborretr.objectives import NeighborRetrObjective
 
+    objective = NeighborRetrObjective(num_neighbors=2, memory_size=len(bank["text"]), mb_batch=1, **kwargs)
+    objective.refill([(bank, torch.arange(len(bank["text"])))])
+    return objective
+
+
+def test_the_objective_owns_its_bank_and_reads_it_newest_first():
+    _, _, bank = _neighborretr_inputs()
+    objective = _objective(bank)
+    held = objective.bank.get()
+    for key in ("text", "text_mask", "video", "video_mask"):
+        torch.testing.assert_close(held[key], bank[key].to(held[key].dtype))
+    assert set(objective.state_dict()) >= {"bank.text", "bank.video", "bank.ptr", "bank.size"}
+    newer = {k: v[:1] + 1 for k, v in bank.items()}
+    objective.update(newer, torch.tensor([7]))  # capacity 3: the oldest item drops off
+    assert objective.bank.get()["ids"].tolist() == [7, 0, 1]
+
+
+def test_neighborretr_objective_is_the_weighted_sum_of_its_logged_terms():
     model, features, bank = _neighborretr_inputs()
-    out = NeighborRetrCriterion(num_neighbors=2, uniform_weight=0.5, neighbor_weight=2.0, kl_weight=3.0)(
-        model, features, bank
-    )
+    out = _objective(bank, uniform_weight=0.5, neighbor_weight=2.0, kl_weight=3.0)(model, features)
     expected = out["centrality"] + 0.5 * out["uniform"] + 2.0 * out["neighbor"] + 3.0 * out["kl"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(torch.isfinite(v) for v in out.values()) and out["neighbor"] > 0
@@ -62,23 +79,32 @@ def test_neighborretr_criterion_is_the_weighted_sum_of_its_logged_terms():
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), grads.keys()
 
 
-def test_neighborretr_without_bank_skips_the_neighbour_term_and_kappa_zero_is_infonce():
-    from neighborretr.losses import NeighborRetrCriterion
+def test_an_empty_bank_is_refused_and_kappa_zero_is_infonce():
+    from neighborretr.objectives import NeighborRetrObjective
 
-    model, features, _ = _neighborretr_inputs()
-    out = NeighborRetrCriterion(num_neighbors=2, centrality_scale=0.0)(model, features, None)
-    assert out["neighbor"].item() == 0.0
+    model, features, bank = _neighborretr_inputs()
+    with pytest.raises(RuntimeError, match="memory bank is empty"):
+        NeighborRetrObjective(num_neighbors=2)(model, features)
+    out = _objective(bank, centrality_scale=0.0)(model, features)
     sim = model.similarity(features["text"], features["text_mask"], features["video"], features["video_mask"])
     assert out["centrality"].item() == pytest.approx(symmetric_infonce(sim, model.logit_scale).item(), rel=1e-5)
 
 
+def test_the_batch_check_uses_the_batch_the_loss_sees():
+    from neighborretr.objectives import NeighborRetrObjective
+
+    objective = NeighborRetrObjective(num_neighbors=20)
+    objective.check_batch(22)
+    with pytest.raises(ValueError, match="num_neighbors=20 needs at least 22"):
+        objective.check_batch(21)
+
+
 def test_centrality_from_bank_uses_the_bank_tokens():
     from neighborretr import neighbor_losses as nl
-    from neighborretr.losses import NeighborRetrCriterion
 
     model, features, bank = _neighborretr_inputs()
-    official = NeighborRetrCriterion(num_neighbors=2)(model, features, bank)["centrality"]
-    from_bank = NeighborRetrCriterion(num_neighbors=2, centrality_from_bank=True)(model, features, bank)["centrality"]
+    official = _objective(bank)(model, features)["centrality"]
+    from_bank = _objective(bank, centrality_from_bank=True)(model, features)["centrality"]
     assert not torch.isclose(official, from_bank)
     t, tm, v, vm = (features[k] for k in ("text", "text_mask", "video", "video_mask"))
     text_vec, video_vec = model.global_vectors(*model.global_tokens(t, tm, v, vm))

@@ -1,0 +1,198 @@
+"""The data settings of a run and the loaders built from them (configs/data/*.yaml is this class's `_target_`)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import numpy as np
+from torch.utils.data import DataLoader, Subset
+
+from neighborretr.data.annotations import PARSERS, Record
+from neighborretr.data.dataset import VideoTextDataset
+from neighborretr.data.sampler import EpochShuffleSampler
+from neighborretr.data.validation import find_bad_videos
+from neighborretr.data.video_files import VideoIndex
+
+Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
+
+
+def first_per_video(records: list[Record]) -> list[Record]:
+    """One record per video id (its first one)."""
+    return list({r.video_id: r for r in reversed(records)}.values())
+
+
+def subsample(items: list, size: int | None, seed: int) -> list:
+    """`size` items drawn without replacement with `seed`, in their original order; all of them when None."""
+    if size is None or size >= len(items):
+        return items
+    keep = sorted(np.random.default_rng(seed).permutation(len(items))[:size].tolist())
+    return [items[i] for i in keep]
+
+
+class VideoTextData:
+    """One benchmark's annotations and videos, and every loader a run needs.
+
+    Args:
+        benchmark: the annotation parser (`neighborretr.data.annotations.PARSERS`).
+        root: the folder of the annotation files; video_dir: the videos (searched recursively, any container).
+        max_words, max_frames, image_size: caption tokens, frames per clip, frame side in pixels.
+        backend: video decoder, "decord" or "pyav".
+        batch_size: the global batch over all processes; eval_batch_size: per process.
+        num_workers: loader processes per process.
+        check_videos: decode every video's evaluation frames before training; skip_bad_videos: drop bad videos
+            instead of stopping (read by the recipe's pre-flight check).
+        video_framerate: sample from the first frame of every 1/N s; None = every frame.
+        train_sampling, eval_sampling: "uniform" | "random" | "head" (see `read_frames`).
+        rand_augment: a timm RandAugment string applied identically to every frame of a training clip, or None.
+        train_list, val_videos, val_seed: the parser options of the benchmarks that take them (None: not given).
+        seed: data order, frame draws and augmentation (with the epoch and the item).
+    """
+
+    def __init__(
+        self,
+        benchmark: str,
+        root: str,
+        video_dir: str,
+        max_words: int = 32,
+        max_frames: int = 12,
+        image_size: int = 224,
+        backend: str = "decord",
+        batch_size: int = 128,
+        eval_batch_size: int = 32,
+        num_workers: int = 4,
+        check_videos: bool = True,
+        skip_bad_videos: bool = False,
+        video_framerate: float | None = None,
+        train_sampling: str = "random",
+        eval_sampling: str = "uniform",
+        rand_augment: str | None = None,
+        train_list: str | None = None,
+        val_videos: int | None = None,
+        val_seed: int | None = None,
+        seed: int = 0,
+    ):
+        if benchmark not in PARSERS:
+            raise ValueError(f"data.benchmark={benchmark!r} has no parser; available: {sorted(PARSERS)}")
+        self.parser = PARSERS[benchmark]
+        given = {"train_list": train_list, "val_videos": val_videos, "val_seed": val_seed}
+        self.parser_options = {k: v for k, v in given.items() if v is not None}
+        accepted = inspect.signature(self.parser).parameters
+        extra = sorted(set(self.parser_options) - set(accepted))
+        if extra:
+            raise ValueError(f"data.benchmark={benchmark} does not use data.{', data.'.join(extra)}; remove it")
+        self.benchmark, self.root, self.video_dir = benchmark, str(root), str(video_dir)
+        self.max_words, self.max_frames, self.image_size = max_words, max_frames, image_size
+        self.backend, self.batch_size, self.eval_batch_size = backend, batch_size, eval_batch_size
+        self.num_workers, self.check_videos, self.skip_bad_videos = num_workers, check_videos, skip_bad_videos
+        self.video_framerate, self.train_sampling, self.eval_sampling = video_framerate, train_sampling, eval_sampling
+        self.rand_augment, self.seed = rand_augment, seed
+
+    def records(self, split: str) -> list[Record]:
+        """The annotation records of a split ("train", "val" or "test")."""
+        return self.parser(self.root, split, **self.parser_options)
+
+    @functools.cached_property
+    def videos(self) -> VideoIndex:
+        """One scan of the video folder, shared by every dataset of this object."""
+        return VideoIndex(self.video_dir)
+
+    def bad_videos(self, records: list[Record], progress: bool = True) -> dict[str, str]:
+        """{video_id: reason} of every missing or undecodable video among `records` (the evaluation frames)."""
+        return find_bad_videos(
+            records, self.videos, self.backend, progress, self.num_workers, self.max_frames, self.video_framerate
+        )
+
+    @functools.cached_property
+    def _augment(self):
+        if not self.rand_augment:
+            return None
+        from neighborretr.data.augment import ClipRandAugment
+
+        return ClipRandAugment(self.rand_augment)
+
+    def dataset(self, records: list[Record], train: bool, **kwargs) -> VideoTextDataset:
+        """The dataset of `records` with this object's settings (kwargs: load_text / load_video)."""
+        if kwargs.get("load_video", True):
+            kwargs.update(
+                videos=self.videos,
+                sampling=self.train_sampling if train else self.eval_sampling,
+                framerate=self.video_framerate,
+                augment=self._augment if train else None,
+            )
+        return VideoTextDataset(
+            records,
+            self.video_dir,
+            self.max_words,
+            self.max_frames,
+            self.image_size,
+            train=train,
+            backend=self.backend,
+            seed=self.seed,
+            **kwargs,
+        )
+
+    def per_process_batch(self, num_processes: int) -> int:
+        if self.batch_size % num_processes:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (global) is not divisible by {num_processes} processes"
+            )
+        return self.batch_size // num_processes
+
+    def train_loader(self, records: list[Record], num_processes: int, pin_memory: bool = False) -> DataLoader:
+        """Shuffled (a new order every epoch, from seed and epoch) full batches of `batch_size / num_processes`."""
+        dataset = self.dataset(records, train=True)
+        return DataLoader(
+            dataset,
+            batch_size=self.per_process_batch(num_processes),
+            sampler=EpochShuffleSampler(len(dataset), seed=self.seed),
+            drop_last=True,  # the gathered global batch must have the same size on every rank
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers must see the dataset's epoch, set before each epoch
+            pin_memory=pin_memory,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+
+    def refill_loader(self, dataset: VideoTextDataset, batches: int, num_processes: int) -> DataLoader:
+        """The memory bank's refill batches: the first `batches` global batches of a fixed seeded subset of the
+        training `dataset` (frames re-drawn every epoch, since it shares the training dataset)."""
+        count = min(len(dataset), batches * self.batch_size)
+        indices = np.random.default_rng(self.seed).permutation(len(dataset))[:count].tolist()
+        return DataLoader(
+            Subset(dataset, indices),
+            batch_size=self.per_process_batch(num_processes),
+            shuffle=False,
+            drop_last=True,
+            num_workers=self.num_workers,
+        )
+
+    def _pair(self, text_records: list[Record], video_records: list[Record]) -> Loaders:
+        texts = self.dataset(text_records, train=False, load_video=False)
+        videos = self.dataset(video_records, train=False, load_text=False)
+        kw = dict(batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(texts, **kw), DataLoader(videos, **kw)
+
+    def eval_loaders(self, records: list[Record]) -> Loaders:
+        """(captions loader, distinct-videos loader); every caption and every video is encoded once."""
+        if not records:
+            raise ValueError("the evaluation split is empty (for a held-out validation split, set data.val_videos > 0)")
+        return self._pair(records, first_per_video(records))
+
+    def bank_loaders(
+        self, train: list[Record], query_bank_size: int | None, gallery_bank_size: int | None, seed: int
+    ) -> Loaders:
+        """Training-split banks for hubness normalisation: (query-bank captions, gallery-bank videos)."""
+        captions = subsample(train, query_bank_size, seed)
+        videos = subsample(first_per_video(sorted(train, key=lambda r: r.video_id)), gallery_bank_size, seed)
+        return self._pair(captions, videos)
+
+    def describe(self) -> dict:
+        """The settings the bank-feature cache depends on."""
+        return {
+            "root": self.root,
+            "words": self.max_words,
+            "frames": self.max_frames,
+            "size": self.image_size,
+            "sampling": self.eval_sampling,
+            "framerate": self.video_framerate,
+        }

@@ -1,0 +1,201 @@
+"""Setup steps shared by the recipes: each builds one thing from the config."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType, broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from neighborretr.data.annotations import AnnotationError, Record
+from neighborretr.data.module import VideoTextData
+from neighborretr.data.video_io import VideoDecodeError
+from neighborretr.eval.pipeline import evaluate_report
+
+log = logging.getLogger("neighborretr")
+# Accelerate logs every file it writes at INFO; keep the console for progress and results.
+logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+# Engines the loop is written and tested for; sharded ones (FSDP, DeepSpeed) would need the loss inside a
+# sharded forward and full state dicts for evaluation, which are not implemented.
+SUPPORTED_ENGINES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work together."""
+
+
+def user_errors(main: Callable) -> Callable:
+    """Turns errors a user can fix (bad paths, malformed files, inconsistent settings) into a one-paragraph
+    message and exit status 1 instead of a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (AnnotationError, FileNotFoundError, VideoDecodeError, ConfigError) as err:
+            raise SystemExit(f"error: {err}") from err
+
+    return wrapper
+
+
+def _rank_zero_dir(path: str) -> str:
+    """Hydra's run dir on the main process; a throw-away dir on the others, which all write to the main
+    process's dir (broadcast in `setup_run_dir`), so a multi-process run has exactly one run folder."""
+    if os.environ.get("RANK", "0") == "0":
+        return path
+    return tempfile.mkdtemp(prefix="neighborretr_rank")
+
+
+OmegaConf.register_new_resolver("rank_zero_dir", _rank_zero_dir, replace=True, use_cache=True)
+
+
+def setup_accelerator(trainer: DictConfig, logger: str | None = None) -> Accelerator:
+    """The Accelerator of a run: precision and device from `trainer`, the tracker named `logger` (or none)."""
+    accelerator = Accelerator(
+        mixed_precision=trainer.mixed_precision,
+        cpu=trainer.cpu,
+        log_with=None if logger in (None, "none") else logger,
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step itself
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if accelerator.distributed_type not in SUPPORTED_ENGINES:
+        raise ConfigError(
+            f"accelerate's {accelerator.distributed_type} engine is not supported; use plain data parallel "
+            "(accelerate launch --multi_gpu, or torchrun) on one or several nodes, and trainer.grad_accum to save "
+            "memory"
+        )
+    return accelerator
+
+
+def setup_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
+    """`cfg.output_dir` when set, else Hydra's run folder of the main process, known to every process."""
+    path = [cfg.output_dir or (HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(path)
+    return Path(path[0])
+
+
+def save_config(cfg: DictConfig, run_dir: Path, name: str, accelerator: Accelerator) -> None:
+    """`<name>.yaml` (resolved, what ran) and `<name>.unresolved.yaml` (interpolations kept, for re-use)."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / f"{name}.yaml", resolve=True)
+        OmegaConf.save(cfg, run_dir / f"{name}.unresolved.yaml", resolve=False)
+
+
+def setup_tracker(accelerator: Accelerator, cfg: DictConfig, run_dir: Path, job_type: str) -> None:
+    if cfg.logger.name == "none":
+        return
+    wandb_kwargs = {
+        "name": f"{cfg.run_name}-{run_dir.name}",
+        "group": cfg.logger.group,
+        "tags": list(cfg.logger.tags),
+        "mode": cfg.logger.mode,
+        "dir": str(run_dir),
+        "job_type": job_type,
+    }
+    if cfg.logger.entity:
+        wandb_kwargs["entity"] = cfg.logger.entity
+    accelerator.init_trackers(
+        cfg.logger.project, config=OmegaConf.to_container(cfg, resolve=True), init_kwargs={"wandb": wandb_kwargs}
+    )
+
+
+def setup_records(data: VideoTextData, splits: list[str], accelerator: Accelerator) -> dict[str, list[Record]]:
+    """Every split's records after the pre-flight check: stops before training with the list of missing or
+    undecodable videos, or drops them with `data.skip_bad_videos=true`. The main process decodes and tells the
+    others."""
+    try:
+        records = {split: data.records(split) for split in splits}
+    except ValueError as err:  # an unknown split or a parser option the benchmark does not take
+        raise ConfigError(str(err)) from err
+    if not data.check_videos:
+        return records
+    bad = [None]
+    if accelerator.is_main_process:
+        bad = [data.bad_videos(list({id(r): r for rs in records.values() for r in rs}.values()))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(bad)
+    bad = bad[0]
+    if not bad:
+        return records
+    listing = "\n".join(f"  {video_id}: {reason}" for video_id, reason in sorted(bad.items())[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    if not data.skip_bad_videos:
+        raise SystemExit(
+            f"{len(bad)} video(s) are missing or cannot be decoded:\n{listing}{more}\n"
+            f"Fix: check data.video_dir={data.video_dir} (see data/README.md), re-encode the broken files "
+            "(neighborretr-prepare-videos), or pass data.skip_bad_videos=true to train without them. "
+            "neighborretr-validate-data writes a full report."
+        )
+    log.warning("data.skip_bad_videos=true: skipping %d bad video(s):\n%s%s", len(bad), listing, more)
+    return {s: [r for r in rs if r.video_id not in bad] for s, rs in records.items()}
+
+
+def check_model_data(model, data: VideoTextData) -> None:
+    positions = model.temporal.frame_position_embeddings.num_embeddings
+    if data.max_frames > positions:
+        raise ConfigError(f"data.max_frames={data.max_frames} exceeds the model's {positions} frame positions")
+    if model.image_size != data.image_size:
+        raise ConfigError(f"data.image_size={data.image_size} but the model expects {model.image_size} px frames")
+    if data.max_words > model.context_length:
+        raise ConfigError(f"data.max_words={data.max_words} exceeds the text context {model.context_length}")
+
+
+def bank_cache_path(data: VideoTextData, eval_cfg: DictConfig, weights: Path) -> Path:
+    """A cache file beside the weights, named by the weights' identity and every setting the banks depend on."""
+    stat = weights.stat()
+    key = {
+        "weights": [str(weights.resolve()), stat.st_size, stat.st_mtime_ns],
+        "data": data.describe(),
+        "bank": [eval_cfg.query_bank_size, eval_cfg.gallery_bank_size, eval_cfg.bank_seed],
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return weights.parent / f"bank_features_{digest}.pt"
+
+
+class Evaluator:
+    """The one evaluation path: per-epoch validation (raw scores) and the final test (raw and every configured
+    normalisation, whose β/τ are chosen on the validation split with training-split banks)."""
+
+    def __init__(self, accelerator: Accelerator, data: VideoTextData, eval_cfg: DictConfig, records: dict):
+        self.accelerator, self.data, self.cfg = accelerator, data, eval_cfg
+        self.loaders = {s: accelerator.prepare(*data.eval_loaders(r)) for s, r in records.items() if s != "train"}
+        self.train_records = records.get("train")
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.cfg.normalizations)
+
+    def __call__(self, model, split: str, methods: list[str] | None = None, weights: Path | None = None) -> dict:
+        """The report of `split` (see `evaluate_report`); `weights` names the bank-feature cache."""
+        methods = methods or ["none"]
+        banks = val = None
+        if any(m != "none" for m in methods):
+            if self.train_records is None:
+                raise ConfigError("hubness normalisation needs the training split (for its banks)")
+            c = self.cfg
+            loaders = self.data.bank_loaders(self.train_records, c.query_bank_size, c.gallery_bank_size, c.bank_seed)
+            banks, val = self.accelerator.prepare(*loaders), self.loaders["val"]
+        return evaluate_report(
+            self.accelerator,
+            model,
+            self.loaders[split],
+            methods,
+            val_loaders=val,
+            bank_loaders=banks,
+            bank_cache=bank_cache_path(self.data, self.cfg, weights) if banks and weights else None,
+            k=self.cfg.k,
+            chunk_size=self.cfg.chunk_size,
+        )

@@ -1,0 +1,110 @@
+"""The evaluation recipe: `evaluate(cfg) -> rows` for a trained run's selected model (or any checkpoint).
+
+    neighborretr-eval ckpt=outputs/synthetic_tiny/<timestamp>
+    accelerate launch -m neighborretr_train.evaluate ckpt=/runs/msrvtt/best/model.pt data.root=/data/msrvtt
+
+`ckpt` is a run folder (its best/model.pt is used), a .pt state-dict file inside a run folder, or a
+checkpoints/step_* folder. Model and data settings come from the run's saved config (its unresolved form, so a
+moved `data.root` also moves every path derived from it); `data.*` keys given here override them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from neighborretr.eval.pipeline import write_report
+from neighborretr_train import config_dir
+from neighborretr_train.common import (
+    ConfigError,
+    Evaluator,
+    check_model_data,
+    log,
+    setup_accelerator,
+    setup_output_dir,
+    setup_records,
+    user_errors,
+)
+
+
+def locate(ckpt: Path) -> tuple[Path, Path]:
+    """(run folder, weights file) for any of the accepted `ckpt` forms."""
+    if ckpt.is_file():
+        run_dir = ckpt.parent.parent if ckpt.parent.name in ("best", "checkpoints") else ckpt.parent
+        return run_dir, ckpt
+    if (ckpt / "config.yaml").is_file():
+        return ckpt, ckpt / "best" / "model.pt"
+    if ckpt.name.startswith("step_") and (ckpt / "model.safetensors").is_file():
+        return ckpt.parent.parent, ckpt / "model.safetensors"
+    raise FileNotFoundError(
+        f"ckpt={ckpt}: expected a run folder (with config.yaml), a best/model.pt file or a checkpoints/step_* folder"
+    )
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    if path.suffix == ".safetensors":  # a training checkpoint: the TrainStep's weights, "model." prefixed
+        weights = load_file(str(path))
+        return {k.removeprefix("model."): v for k, v in weights.items()}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The run's saved config with this call's data overrides, precision and evaluation settings."""
+    saved = run_dir / "config.unresolved.yaml"
+    if not saved.is_file():
+        saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a run folder of neighborretr-train?")
+    run_cfg = OmegaConf.load(saved)
+    run_cfg.data = OmegaConf.merge(run_cfg.data, {k: v for k, v in cfg.data.items() if v is not None})
+    run_cfg.eval = cfg.eval
+    run_cfg.trainer.mixed_precision = cfg.trainer.mixed_precision
+    run_cfg.trainer.cpu = cfg.trainer.cpu
+    if "pretrained" in run_cfg.model:  # the checkpoint replaces the backbone weights: do not load them twice
+        run_cfg.model.pretrained = None
+    return run_cfg
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Scores `cfg.split` raw and with every configured normalisation; returns the rows."""
+    run_dir, weights = locate(Path(cfg.ckpt))
+    run_cfg = run_config(cfg, run_dir)
+    accelerator = setup_accelerator(run_cfg.trainer)
+    out_dir = setup_output_dir(cfg, accelerator)
+    data = instantiate(run_cfg.data)
+    methods = list(cfg.eval.normalizations)
+    splits = [cfg.split]
+    if any(m != "none" for m in methods):
+        splits = list(dict.fromkeys([cfg.split, "val", "train"]))
+        if cfg.split == "val":
+            log.warning("split=val: the normalisations' β/τ are chosen and reported on the same split")
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split={cfg.split}: choose test or val")
+    records = setup_records(data, splits, accelerator)
+    model = instantiate(run_cfg.model)
+    check_model_data(model, data)
+    model.load_state_dict(load_weights(weights))
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    evaluator = Evaluator(accelerator, data, cfg.eval, records)
+    report = evaluator(model, cfg.split, methods, weights=weights)
+    write_report(accelerator, report, out_dir, cfg.split, cfg.eval.k)
+    if accelerator.is_main_process:
+        print(f"{cfg.split}: {len(records[cfg.split])} captions, weights {weights}")
+    return report["rows"]
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+@user_errors
+def main(cfg: DictConfig) -> dict:
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The training recipe: `train(cfg) -> results`, read top to bottom.
+
+neighborretr-train experiment=synthetic_tiny
+accelerate launch -m neighborretr_train.train experiment=msrvtt_vitb32 data.root=/data/msrvtt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
+from neighborretr.eval.pipeline import write_report
+from neighborretr.metrics_log import MetricsLog
+from neighborretr.train_step import TrainStep
+from neighborretr_train import config_dir
+from neighborretr_train.common import (
+    ConfigError,
+    Evaluator,
+    check_model_data,
+    log,
+    save_config,
+    setup_accelerator,
+    setup_output_dir,
+    setup_records,
+    setup_tracker,
+    user_errors,
+)
+
+
+def find_resume(loop: FitConfig, runs: Path, run_dir: Path) -> Path | None:
+    """trainer.resume: null, "latest" (newest checkpoint of any run under `runs`), a run folder (its newest
+    checkpoint) or a checkpoints/step_* folder."""
+    resume = loop.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = [c for d in runs.glob("*") if d != run_dir for c in checkpoint_dirs(d)]
+        if not found:
+            log.warning("trainer.resume=latest: no checkpoint under %s, starting from scratch", runs)
+            return None
+        return max(found, key=lambda c: c.stat().st_mtime)
+    path = Path(resume)
+    if path.is_dir() and path.parent.name != "checkpoints":
+        found = checkpoint_dirs(path)
+        if not found:
+            raise FileNotFoundError(f"trainer.resume={resume}: no checkpoints/step_* folder in this run folder")
+        return found[-1]
+    if not path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint folder")
+    return path
+
+
+def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Path | None]:
+    """The loop settings with their run folder, and the checkpoint to resume from (its run folder is reused)."""
+    run_dir = setup_output_dir(cfg, accelerator)
+    loop = instantiate(cfg.trainer, run_dir=run_dir)
+    resume_from = find_resume(loop, Path(cfg.output_root) / cfg.run_name, run_dir)
+    if resume_from is not None:
+        loop.run_dir = resume_from.parent.parent  # continue in the original run folder
+        accelerator.print(f"resuming from {resume_from}")
+    save_config(cfg, loop.run_dir, "config" if resume_from is None else "config.resumed", accelerator)
+    return loop, resume_from
+
+
+def setup_objective(cfg: DictConfig, model, batch_size: int):
+    """The objective (with its state) after the checks that its settings fit the model and the batch."""
+    objective = instantiate(cfg.loss)
+    if getattr(objective, "bank", None) is not None and not model.high_level:
+        raise ConfigError("this loss needs the model's high level: set model.high_level=true")
+    try:
+        objective.check_batch(batch_size)
+    except ValueError as err:
+        raise ConfigError(f"data.batch_size={batch_size}: {err}") from err
+    return objective
+
+
+def train(cfg: DictConfig) -> dict:
+    """Trains, selects the epoch on the validation split, tests the selected model; returns the results."""
+    accelerator = setup_accelerator(cfg.trainer, cfg.logger.name)
+    set_seed(cfg.seed)
+    loop, resume_from = setup_run(cfg, accelerator)
+    data = instantiate(cfg.data)
+    records = setup_records(data, ["train", "val", "test"], accelerator)
+    model = instantiate(cfg.model)
+    check_model_data(model, data)
+    objective = setup_objective(cfg, model, data.batch_size)
+    per_process = data.per_process_batch(accelerator.num_processes)
+    if per_process % loop.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
+            f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
+        )
+    optimizer = instantiate(cfg.optim)(model)
+    step = TrainStep(model, objective, sum_gathered_grads=not loop.official_gather)
+    loader = data.train_loader(records["train"], accelerator.num_processes, accelerator.device.type == "cuda")
+    step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
+    total_steps = loop.epochs * len(loader)
+    scheduler = accelerator.prepare(instantiate(cfg.scheduler)(optimizer, total_steps=total_steps))
+    refill = None
+    if objective.refill_batches:
+        refill = accelerator.prepare(
+            data.refill_loader(loader.dataset, objective.refill_batches, accelerator.num_processes)
+        )
+    objective.to(accelerator.device)
+    evaluator = Evaluator(accelerator, data, cfg.eval, records)
+
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(objective)  # the memory bank travels with every checkpoint
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    setup_tracker(accelerator, cfg, loop.run_dir, job_type="train")
+    log_metrics = MetricsLog(accelerator, loop.run_dir / "metrics.jsonl")
+    accelerator.print(
+        f"run dir {loop.run_dir}\n{data.benchmark}: "
+        + ", ".join(f"{s} {len(r)} captions / {len({x.video_id for x in r})} videos" for s, r in records.items())
+        + f"; {accelerator.num_processes} process(es), {total_steps} optimiser steps"
+    )
+
+    model = accelerator.unwrap_model(step).model
+    state = fit(
+        accelerator,
+        step,
+        optimizer,
+        scheduler,
+        loader,
+        lambda: evaluator(model, "val")["rows"]["none"],
+        state,
+        loop,
+        log_metrics,
+        refill,
+    )
+
+    # The final test uses the model selected on the validation split, for both directions, raw and with each
+    # hubness normalisation (whose β/τ are chosen on the validation split too).
+    weights = loop.run_dir / "best" / "model.pt"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    report = evaluator(model, "test", evaluator.methods, weights=weights)
+    results = {
+        "test": report["rows"]["none"],
+        "normalized": report["rows"],
+        "normalization_params": report["params"],
+        "best_epoch": state.best_epoch,
+        "best_val_score": state.best_score,
+        "select_metric": loop.select_metric,
+        "history": state.history,
+    }
+    write_report(accelerator, report, loop.run_dir, "test", cfg.eval.k, step=state.global_step, log_metrics=log_metrics)
+    if accelerator.is_main_process:
+        write_json(loop.run_dir / "results.json", results)
+        accelerator.print(
+            f"test: {len(records['test'])} captions, model of epoch {state.best_epoch}; "
+            f"results: {loop.run_dir / 'results.json'}"
+        )
+    accelerator.end_training()
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@user_errors
+def main(cfg: DictConfig) -> dict:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
