@@ -3,7 +3,6 @@ full batch; all of them run the recipe's TrainStep, as training does."""
 
 import pytest
 import torch
-
 from accelerate import Accelerator
 
 from neighborretr.models.builders import tiny

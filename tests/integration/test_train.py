@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from neighborretr.data.annotations import parse_msrvtt
 from neighborretr.data.dataset import VideoTextDataset
-from neighborretr.objectives import InfoNCEObjective
 from neighborretr.models.builders import tiny
+from neighborretr.objectives import InfoNCEObjective
 from neighborretr.optim import create_optimizer
 from tests.conftest import INFONCE, NEIGHBORRETR, TINY_OVERRIDES, run_script
 
