@@ -14,6 +14,8 @@ from pathlib import Path
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from neighborretr.data.annotations import AnnotationError, Record
@@ -46,6 +48,18 @@ def user_errors(main: Callable) -> Callable:
             raise SystemExit(f"error: {err}") from err
 
     return wrapper
+
+
+def build(cfg: DictConfig, key: str, **kwargs):
+    """`instantiate(cfg[key], **kwargs)`, with a constructor's refusal (a ValueError naming the bad setting) turned
+    into a one-line ConfigError instead of Hydra's wrapped traceback."""
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(f"{key}: {cause}") from err
+        raise
 
 
 def _rank_zero_dir(path: str) -> str:

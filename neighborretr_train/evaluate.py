@@ -14,7 +14,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
@@ -23,6 +22,7 @@ from neighborretr_train import config_dir
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
+    build,
     check_model_data,
     log,
     setup_accelerator,
@@ -78,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = run_config(cfg, run_dir)
     accelerator = setup_accelerator(run_cfg.trainer)
     out_dir = setup_output_dir(cfg, accelerator)
-    data = instantiate(run_cfg.data)
+    data = build(run_cfg, "data")
     methods = list(cfg.eval.normalizations)
     splits = [cfg.split]
     if any(m != "none" for m in methods):
@@ -88,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.split not in ("val", "test"):
         raise ConfigError(f"split={cfg.split}: choose test or val")
     records = setup_records(data, splits, accelerator)
-    model = instantiate(run_cfg.model)
+    model = build(run_cfg, "model")
     check_model_data(model, data)
     model.load_state_dict(load_weights(weights))
     model = accelerator.prepare_model(model, evaluation_mode=True)

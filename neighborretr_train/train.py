@@ -12,7 +12,6 @@ import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
@@ -23,6 +22,7 @@ from neighborretr_train import config_dir
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
+    build,
     check_model_data,
     log,
     save_config,
@@ -60,7 +60,7 @@ def find_resume(loop: FitConfig, runs: Path, run_dir: Path) -> Path | None:
 def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Path | None]:
     """The loop settings with their run folder, and the checkpoint to resume from (its run folder is reused)."""
     run_dir = setup_output_dir(cfg, accelerator)
-    loop = instantiate(cfg.trainer, run_dir=run_dir)
+    loop = build(cfg, "trainer", run_dir=run_dir)
     resume_from = find_resume(loop, Path(cfg.output_root) / cfg.run_name, run_dir)
     if resume_from is not None:
         loop.run_dir = resume_from.parent.parent  # continue in the original run folder
@@ -71,7 +71,7 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Pat
 
 def setup_objective(cfg: DictConfig, model, batch_size: int):
     """The objective (with its state) after the checks that its settings fit the model and the batch."""
-    objective = instantiate(cfg.loss)
+    objective = build(cfg, "loss")
     if getattr(objective, "bank", None) is not None and not model.high_level:
         raise ConfigError("this loss needs the model's high level: set model.high_level=true")
     try:
@@ -86,9 +86,9 @@ def train(cfg: DictConfig) -> dict:
     accelerator = setup_accelerator(cfg.trainer, cfg.logger.name)
     set_seed(cfg.seed)
     loop, resume_from = setup_run(cfg, accelerator)
-    data = instantiate(cfg.data)
+    data = build(cfg, "data")
     records = setup_records(data, ["train", "val", "test"], accelerator)
-    model = instantiate(cfg.model)
+    model = build(cfg, "model")
     check_model_data(model, data)
     objective = setup_objective(cfg, model, data.batch_size)
     per_process = data.per_process_batch(accelerator.num_processes)
@@ -97,12 +97,17 @@ def train(cfg: DictConfig) -> dict:
             f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
             f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
         )
-    optimizer = instantiate(cfg.optim)(model)
+    optimizer = build(cfg, "optim")(model)
     step = TrainStep(model, objective, sum_gathered_grads=not loop.official_gather)
     loader = data.train_loader(records["train"], accelerator.num_processes, accelerator.device.type == "cuda")
+    if len(loader) == 0:
+        raise ConfigError(
+            f"the training split has {len(records['train'])} pairs, fewer than one global batch of "
+            f"data.batch_size={data.batch_size}"
+        )
     step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
     total_steps = loop.epochs * len(loader)
-    scheduler = accelerator.prepare(instantiate(cfg.scheduler)(optimizer, total_steps=total_steps))
+    scheduler = accelerator.prepare(build(cfg, "scheduler")(optimizer, total_steps=total_steps))
     refill = None
     if objective.refill_batches:
         refill = accelerator.prepare(

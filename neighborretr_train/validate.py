@@ -15,7 +15,6 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from neighborretr.data.validation import (
@@ -26,7 +25,7 @@ from neighborretr.data.validation import (
     write_problems,
 )
 from neighborretr_train import config_dir
-from neighborretr_train.common import ConfigError, user_errors
+from neighborretr_train.common import ConfigError, build, user_errors
 
 log = logging.getLogger("neighborretr")
 SHOWN = 50  # problems printed on the console; the CSV has all of them
@@ -36,7 +35,7 @@ def validate(cfg: DictConfig) -> int:
     """Checks every split; prints the tables, writes problems.csv and summary.json; returns the error count."""
     out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = instantiate(cfg.data)
+    data = build(cfg, "data")
     try:
         splits = {split: data.records(split) for split in cfg.splits}
     except ValueError as err:  # an unknown split name for this benchmark
