@@ -28,6 +28,7 @@ class Objective(nn.Module):
     """Base class: a stateless objective whose hooks do nothing."""
 
     refill_batches: int = 0  # encoded training batches `refill` wants at the start of every epoch
+    refill_keep: int | None = None  # of those, how many of the last items the state keeps (None: all)
 
     def check_batch(self, batch_size: int) -> None:
         """Raises ValueError when the loss cannot work on a global batch of `batch_size` pairs."""
@@ -114,6 +115,7 @@ class NeighborRetrObjective(Objective):
         self.kl_reduction = kl_reduction
         self.centrality_from_bank = centrality_from_bank
         self.refill_batches = mb_batch
+        self.refill_keep = memory_size  # the bank keeps the newest memory_size items of the refill
         self.bank = MemoryBank(memory_size)  # item shapes come from the first batch (or a checkpoint)
 
     def check_batch(self, batch_size: int) -> None:

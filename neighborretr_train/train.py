@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
+from neighborretr.data.module import VideoTextData
 from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
 from neighborretr.eval.pipeline import write_report
 from neighborretr.metrics_log import MetricsLog
@@ -69,16 +70,64 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Pat
     return loop, resume_from
 
 
-def setup_objective(cfg: DictConfig, model, batch_size: int):
-    """The objective (with its state) after the checks that its settings fit the model and the batch."""
+def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData) -> TrainStep:
+    """The model and its objective (with its state), after the checks that they fit the data and the batch."""
+    model = build(cfg, "model")
+    check_model_data(model, data)
     objective = build(cfg, "loss")
     if getattr(objective, "bank", None) is not None and not model.high_level:
         raise ConfigError("this loss needs the model's high level: set model.high_level=true")
     try:
-        objective.check_batch(batch_size)
+        objective.check_batch(data.batch_size)  # the global batch: the loss sees all of it, accumulation or not
     except ValueError as err:
-        raise ConfigError(f"data.batch_size={batch_size}: {err}") from err
-    return objective
+        raise ConfigError(f"data.batch_size={data.batch_size}: {err}") from err
+    return TrainStep(model, objective, sum_gathered_grads=not loop.official_gather)
+
+
+def setup_train_loader(data: VideoTextData, records: list, loop: FitConfig, accelerator: Accelerator):
+    per_process = data.per_process_batch(accelerator.num_processes)
+    if per_process % loop.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
+            f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
+        )
+    loader = data.train_loader(records, accelerator.num_processes, accelerator.device.type == "cuda")
+    if len(loader) == 0:
+        raise ConfigError(f"the training split has {len(records)} pairs, fewer than data.batch_size={data.batch_size}")
+    return loader
+
+
+def setup_state(accelerator: Accelerator, objective, resume_from: Path | None) -> TrainState:
+    """The loop position; it and the objective (its memory bank) are saved in, and restored from, checkpoints."""
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(objective)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    return state
+
+
+def score_selected_model(
+    accelerator: Accelerator, evaluator: Evaluator, model, state: TrainState, loop: FitConfig, log_metrics: MetricsLog
+) -> dict:
+    """The test split scored by the model selected on the validation split, for both directions, raw and with
+    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json."""
+    weights = loop.run_dir / "best" / "model.pt"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    report = evaluator(model, "test", evaluator.methods, weights=weights)
+    results = {
+        "test": report["rows"]["none"],
+        "normalized": report["rows"],
+        "normalization_params": report["params"],
+        "best_epoch": state.best_epoch,
+        "best_val_score": state.best_score,
+        "select_metric": loop.select_metric,
+        "history": state.history,
+    }
+    write_report(accelerator, report, loop.run_dir, "test", evaluator.cfg.k, state.global_step, log_metrics)
+    if accelerator.is_main_process:
+        write_json(loop.run_dir / "results.json", results)
+    return results
 
 
 def train(cfg: DictConfig) -> dict:
@@ -88,39 +137,22 @@ def train(cfg: DictConfig) -> dict:
     loop, resume_from = setup_run(cfg, accelerator)
     data = build(cfg, "data")
     records = setup_records(data, ["train", "val", "test"], accelerator)
-    model = build(cfg, "model")
-    check_model_data(model, data)
-    objective = setup_objective(cfg, model, data.batch_size)
-    per_process = data.per_process_batch(accelerator.num_processes)
-    if per_process % loop.grad_accum:
-        raise ConfigError(
-            f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
-            f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
-        )
+    step = setup_step(cfg, loop, data)
+    model, objective = step.model, step.objective
+    loader = setup_train_loader(data, records["train"], loop, accelerator)
     optimizer = build(cfg, "optim")(model)
-    step = TrainStep(model, objective, sum_gathered_grads=not loop.official_gather)
-    loader = data.train_loader(records["train"], accelerator.num_processes, accelerator.device.type == "cuda")
-    if len(loader) == 0:
-        raise ConfigError(
-            f"the training split has {len(records['train'])} pairs, fewer than one global batch of "
-            f"data.batch_size={data.batch_size}"
-        )
     step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
     total_steps = loop.epochs * len(loader)
     scheduler = accelerator.prepare(build(cfg, "scheduler")(optimizer, total_steps=total_steps))
     refill = None
-    if objective.refill_batches:
-        refill = accelerator.prepare(
-            data.refill_loader(loader.dataset, objective.refill_batches, accelerator.num_processes)
+    if objective.refill_batches:  # the memory bank's refill batches, drawn from the training set
+        refill = data.refill_loader(
+            loader.dataset, objective.refill_batches, accelerator.num_processes, keep=objective.refill_keep
         )
+        refill = accelerator.prepare(refill)
     objective.to(accelerator.device)
+    state = setup_state(accelerator, objective, resume_from)
     evaluator = Evaluator(accelerator, data, cfg.eval, records)
-
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(objective)  # the memory bank travels with every checkpoint
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
     setup_tracker(accelerator, cfg, loop.run_dir, job_type="train")
     log_metrics = MetricsLog(accelerator, loop.run_dir / "metrics.jsonl")
     accelerator.print(
@@ -129,7 +161,6 @@ def train(cfg: DictConfig) -> dict:
         + f"; {accelerator.num_processes} process(es), {total_steps} optimiser steps"
     )
 
-    model = accelerator.unwrap_model(step).model
     state = fit(
         accelerator,
         step,
@@ -143,23 +174,8 @@ def train(cfg: DictConfig) -> dict:
         refill,
     )
 
-    # The final test uses the model selected on the validation split, for both directions, raw and with each
-    # hubness normalisation (whose β/τ are chosen on the validation split too).
-    weights = loop.run_dir / "best" / "model.pt"
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    report = evaluator(model, "test", evaluator.methods, weights=weights)
-    results = {
-        "test": report["rows"]["none"],
-        "normalized": report["rows"],
-        "normalization_params": report["params"],
-        "best_epoch": state.best_epoch,
-        "best_val_score": state.best_score,
-        "select_metric": loop.select_metric,
-        "history": state.history,
-    }
-    write_report(accelerator, report, loop.run_dir, "test", cfg.eval.k, step=state.global_step, log_metrics=log_metrics)
+    results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
     if accelerator.is_main_process:
-        write_json(loop.run_dir / "results.json", results)
         accelerator.print(
             f"test: {len(records['test'])} captions, model of epoch {state.best_epoch}; "
             f"results: {loop.run_dir / 'results.json'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import numpy as np
 from torch.utils.data import DataLoader, Subset
@@ -153,11 +154,19 @@ class VideoTextData:
             prefetch_factor=4 if self.num_workers else None,
         )
 
-    def refill_loader(self, dataset: VideoTextDataset, batches: int, num_processes: int) -> DataLoader:
+    def refill_loader(
+        self, dataset: VideoTextDataset, batches: int, num_processes: int, keep: int | None = None
+    ) -> DataLoader:
         """The memory bank's refill batches: the first `batches` global batches of a fixed seeded subset of the
-        training `dataset` (frames re-drawn every epoch, since it shares the training dataset)."""
-        count = min(len(dataset), batches * self.batch_size)
+        training `dataset` (frames re-drawn every epoch, since it shares the training dataset).
+
+        With `keep` (the bank's capacity) only the last ceil(keep / batch_size) of those batches are loaded: the
+        earlier ones would be pushed out of the bank by the later ones, so the bank ends the same without them.
+        """
+        count = min(len(dataset), batches * self.batch_size) // self.batch_size * self.batch_size
         indices = np.random.default_rng(self.seed).permutation(len(dataset))[:count].tolist()
+        if keep is not None:
+            indices = indices[-math.ceil(keep / self.batch_size) * self.batch_size :]
         return DataLoader(
             Subset(dataset, indices),
             batch_size=self.per_process_batch(num_processes),

@@ -70,3 +70,26 @@ def test_a_lazily_shaped_bank_takes_its_shapes_from_a_checkpoint():
     empty = MemoryBank(4)
     empty.load_state_dict(MemoryBank(4).state_dict())  # a checkpoint taken before the first batch
     assert not empty.allocated and len(empty) == 0
+
+
+@pytest.mark.parametrize(("capacity", "batches"), [(20, 5), (16, 5), (64, 3), (3, 4)])
+def test_a_refill_without_the_batches_the_bank_would_drop_ends_with_the_same_bank(capacity, batches):
+    from neighborretr.data.module import VideoTextData
+
+    data = VideoTextData("msrvtt", "unused", "unused", batch_size=8, num_workers=0, seed=3)
+    dataset = [{"caption_index": torch.tensor(i)} for i in range(45)]  # 5 full batches and a partial one
+
+    def bank_after(loader) -> MemoryBank:
+        bank = MemoryBank(capacity, (1, 1), (1, 1))
+        for batch in loader:
+            n = len(batch["caption_index"])
+            bank.enqueue(
+                torch.zeros(n, 1, 1), torch.ones(n, 1), torch.zeros(n, 1, 1), torch.ones(n, 1), batch["caption_index"]
+            )
+        return bank
+
+    full = data.refill_loader(dataset, batches, 1)
+    short = data.refill_loader(dataset, batches, 1, keep=capacity)
+    assert len(short) == min(len(full), -(-capacity // 8))
+    assert torch.equal(bank_after(short).get()["ids"], bank_after(full).get()["ids"])
+    assert len(bank_after(full)) == min(capacity, 8 * min(batches, 5))
