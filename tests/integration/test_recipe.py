@@ -181,3 +181,27 @@ def test_debug_fast_runs_with_every_experiment(experiment, benchmark_roots, tmp_
     if "num_neighbors" in cfg.loss:  # NeighborRetr: the official k=20 fits the debug batch, every term is live
         assert all(rows[s][f"train/{t}"] != 0 for s in rows for t in TERMS)
     assert set(results["test"]) == {"t2v", "v2t"}
+
+
+def test_evaluating_a_moved_dataset_follows_the_saved_unresolved_config(tiny_synthetic, tmp_path):
+    """The run keeps its config unresolved beside the resolved one; evaluation reads it, so data.root=<new place>
+    also moves data.video_dir (an interpolation of it) and the scores are those of the training run's test."""
+    import shutil
+
+    from neighborretr_train.evaluate import evaluate
+
+    first = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, first)
+    run = tmp_path / "run"
+    results = run_train([*TINY_OVERRIDES, "loss=infonce", f"data.root={first}", "trainer.epochs=1"], run)
+    assert "video_dir: ${data.root}/videos" in (run / "config.unresolved.yaml").read_text()
+    moved = first.rename(tmp_path / "moved")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("eval", [f"ckpt={run}", f"data.root={moved}", f"output_dir={tmp_path / 'eval'}", "eval.k=3"])
+    try:
+        rows = evaluate(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    for direction in ("t2v", "v2t"):
+        assert rows["none"][direction] == pytest.approx(results["normalized"]["none"][direction])
