@@ -13,15 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-@pytest.fixture(scope="session")
-def tiny_synthetic(tmp_path_factory) -> Path:
-    """24 train / 8 test synthetic videos at 32 px (the tiny model is configured for 32 px in the tests)."""
+def generate_tiny_synthetic(root: Path, num_train: int = 24) -> Path:
+    """`num_train` train / 8 test synthetic videos, 2 captions each, 8 frames of 32 px (the tests configure the
+    tiny model for 32 px)."""
     from neighborretr.data.synthetic import generate_synthetic_msrvtt
 
-    root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic_msrvtt(
         root,
-        num_train=24,
+        num_train=num_train,
         num_test=8,
         captions_per_video=2,
         frame_size=32,
@@ -32,6 +31,12 @@ def tiny_synthetic(tmp_path_factory) -> Path:
         progress=False,
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """24 train / 8 test synthetic videos at 32 px."""
+    return generate_tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 # Overrides that make the entry points fast on the tiny dataset.

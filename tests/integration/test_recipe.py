@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from neighborretr.metrics_log import read_metrics
 from neighborretr_train import config_dir
 from neighborretr_train.train import train
-from tests.conftest import NEIGHBORRETR, TINY_OVERRIDES
+from tests.conftest import NEIGHBORRETR, TINY_OVERRIDES, generate_tiny_synthetic
 
 pytestmark = pytest.mark.integration
 
@@ -137,23 +137,10 @@ EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"
 def benchmark_roots(tmp_path_factory) -> dict[str, Path]:
     """The synthetic clips in every benchmark's file format, with more than one debug batch (24) of training
     pairs in each."""
-    from neighborretr.data.synthetic import generate_synthetic_msrvtt
     from tests.integration.test_benchmark_training import _as_activitynet, _as_didemo, _as_msvd
 
-    base = tmp_path_factory.mktemp("formats")
-    msrvtt = base / "msrvtt"
-    generate_synthetic_msrvtt(
-        msrvtt,
-        num_train=32,
-        num_test=8,
-        captions_per_video=2,
-        frame_size=32,
-        num_frames=8,
-        fps=8,
-        seed=0,
-        workers=1,
-        progress=False,
-    )
+    msrvtt = generate_tiny_synthetic(tmp_path_factory.mktemp("formats") / "msrvtt", num_train=32)
+    base = msrvtt.parent
     roots = {"msrvtt": msrvtt, "synthetic": msrvtt}
     for name, convert in (("activitynet", _as_activitynet), ("msvd", _as_msvd), ("didemo", _as_didemo)):
         convert(msrvtt, base / name)
