@@ -63,6 +63,11 @@ def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     if not saved.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a run folder of neighborretr-train?")
     run_cfg = OmegaConf.load(saved)
+    if "_target_" not in run_cfg.get("data", {}):
+        raise ConfigError(
+            f"{saved} was written by a version before the data settings became a `_target_` (2026-12-01): add "
+            "`_target_: neighborretr.data.module.VideoTextData` and `seed: ${seed}` under its `data:` node"
+        )
     run_cfg.data = OmegaConf.merge(run_cfg.data, {k: v for k, v in cfg.data.items() if v is not None})
     run_cfg.eval = cfg.eval
     run_cfg.trainer.mixed_precision = cfg.trainer.mixed_precision

@@ -93,3 +93,12 @@ def test_a_refill_without_the_batches_the_bank_would_drop_ends_with_the_same_ban
     assert len(short) == min(len(full), -(-capacity // 8))
     assert torch.equal(bank_after(short).get()["ids"], bank_after(full).get()["ids"])
     assert len(bank_after(full)) == min(capacity, 8 * min(batches, 5))
+
+
+def test_a_run_saved_by_an_older_version_is_refused_with_the_fix(tmp_path):
+    from neighborretr_train.evaluate import run_config
+
+    (tmp_path / "config.yaml").write_text("data:\n  benchmark: msrvtt\n  root: data/x\nmodel:\n  _target_: x\n")
+    cfg = OmegaConf.create({"data": {}, "eval": {}, "trainer": {"mixed_precision": None, "cpu": False}})
+    with pytest.raises(common.ConfigError, match="_target_: neighborretr.data.module.VideoTextData"):
+        run_config(cfg, tmp_path)
