@@ -173,6 +173,7 @@ def train_one_epoch(
         objective.update(gathered, gathered["caption_index"])
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(step.parameters(), cfg.max_grad_norm)
+        lr = _current_lr(optimizer)  # the rate this update used, read before the schedule moves on
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -186,7 +187,7 @@ def train_one_epoch(
         if state.global_step % cfg.log_every == 0 or state.global_step == 1:
             logs = {f"train/{k}": v.item() for k, v in losses.items()}
             logs |= {
-                "train/lr": _current_lr(optimizer),
+                "train/lr": lr,
                 "train/logit_scale": unwrapped.model.logit_scale.exp().item(),
                 "train/clips_per_s": clips / max(wait + busy, 1e-9),
                 "train/data_wait": wait / max(wait + busy, 1e-9),

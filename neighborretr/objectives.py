@@ -94,6 +94,12 @@ class NeighborRetrObjective(Objective):
             raise ValueError(f"mb_batch={mb_batch}: the memory bank needs at least one refill batch per epoch")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors={num_neighbors} must be >= 1")
+        if minmax_over not in ("non_neighbors", "neighbors"):
+            raise ValueError(f"minmax_over={minmax_over!r}: choose non_neighbors (official) or neighbors")
+        if kl_reduction not in ("official", "batchmean"):
+            raise ValueError(f"kl_reduction={kl_reduction!r}: choose official or batchmean")
+        if memory_size < 1:
+            raise ValueError(f"memory_size={memory_size} must be >= 1")
         self.weights = {"uniform": uniform_weight, "neighbor": neighbor_weight, "kl": kl_weight}
         self.centrality = {
             "scale": centrality_scale,

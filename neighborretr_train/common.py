@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from neighborretr.data.annotations import AnnotationError, Record
 from neighborretr.data.module import VideoTextData
 from neighborretr.data.video_io import VideoDecodeError
+from neighborretr.eval.hubness import METHODS
 from neighborretr.eval.pipeline import evaluate_report
 
 log = logging.getLogger("neighborretr")
@@ -52,14 +53,26 @@ def user_errors(main: Callable) -> Callable:
 
 def build(cfg: DictConfig, key: str, **kwargs):
     """`instantiate(cfg[key], **kwargs)`, with a constructor's refusal (a ValueError naming the bad setting) turned
-    into a one-line ConfigError instead of Hydra's wrapped traceback."""
+    into a one-line ConfigError instead of Hydra's wrapped traceback; for a `_partial_` node, also when the
+    partial is called (the optimiser and the schedule check their values then)."""
     try:
-        return instantiate(cfg[key], **kwargs)
+        built = instantiate(cfg[key], **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, ValueError | TypeError):
             raise ConfigError(f"{key}: {cause}") from err
         raise
+    if not isinstance(built, functools.partial):
+        return built
+
+    @functools.wraps(built)
+    def call(*args, **more):
+        try:
+            return built(*args, **more)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from err
+
+    return call
 
 
 def _rank_zero_dir(path: str) -> str:
@@ -75,14 +88,17 @@ OmegaConf.register_new_resolver("rank_zero_dir", _rank_zero_dir, replace=True, u
 
 def setup_accelerator(trainer: DictConfig, logger: str | None = None) -> Accelerator:
     """The Accelerator of a run: precision and device from `trainer`, the tracker named `logger` (or none)."""
-    accelerator = Accelerator(
-        mixed_precision=trainer.mixed_precision,
-        cpu=trainer.cpu,
-        log_with=None if logger in (None, "none") else logger,
-        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step itself
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=trainer.mixed_precision,
+            cpu=trainer.cpu,
+            log_with=None if logger in (None, "none") else logger,
+            step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimiser step itself
+            dataloader_config=DataLoaderConfiguration(even_batches=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+    except ValueError as err:  # e.g. an unknown mixed-precision mode
+        raise ConfigError(f"trainer.mixed_precision={trainer.mixed_precision}: {err}") from err
     if accelerator.distributed_type not in SUPPORTED_ENGINES:
         raise ConfigError(
             f"accelerate's {accelerator.distributed_type} engine is not supported; use plain data parallel "
@@ -179,11 +195,18 @@ def bank_cache_path(data: VideoTextData, eval_cfg: DictConfig, weights: Path) ->
     return weights.parent / f"bank_features_{digest}.pt"
 
 
+def check_methods(eval_cfg: DictConfig) -> None:
+    unknown = sorted(set(eval_cfg.normalizations) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"eval.normalizations: unknown {unknown}; choose from {', '.join(METHODS)}")
+
+
 class Evaluator:
     """The one evaluation path: per-epoch validation (raw scores) and the final test (raw and every configured
     normalisation, whose β/τ are chosen on the validation split with training-split banks)."""
 
     def __init__(self, accelerator: Accelerator, data: VideoTextData, eval_cfg: DictConfig, records: dict):
+        check_methods(eval_cfg)
         self.accelerator, self.data, self.cfg = accelerator, data, eval_cfg
         self.loaders = {s: accelerator.prepare(*data.eval_loaders(r)) for s, r in records.items() if s != "train"}
         self.train_records = records.get("train")

@@ -23,6 +23,7 @@ from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
+    check_methods,
     check_model_data,
     log,
     setup_accelerator,
@@ -92,6 +93,7 @@ def evaluate(cfg: DictConfig) -> dict:
             log.warning("split=val: the normalisations' β/τ are chosen and reported on the same split")
     if cfg.split not in ("val", "test"):
         raise ConfigError(f"split={cfg.split}: choose test or val")
+    check_methods(cfg.eval)
     records = setup_records(data, splits, accelerator)
     model = build(run_cfg, "model")
     check_model_data(model, data)

@@ -24,6 +24,7 @@ from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
+    check_methods,
     check_model_data,
     log,
     save_config,
@@ -70,8 +71,15 @@ def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Pat
     return loop, resume_from
 
 
-def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData) -> TrainStep:
-    """The model and its objective (with its state), after the checks that they fit the data and the batch."""
+def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData, accelerator: Accelerator) -> TrainStep:
+    """The model and its objective (with its state), after the checks that they fit the data and the batch (before
+    any video is opened)."""
+    per_process = data.per_process_batch(accelerator.num_processes)
+    if per_process % loop.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
+            f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
+        )
     model = build(cfg, "model")
     check_model_data(model, data)
     objective = build(cfg, "loss")
@@ -84,13 +92,7 @@ def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData) -> TrainSt
     return TrainStep(model, objective, sum_gathered_grads=not loop.official_gather)
 
 
-def setup_train_loader(data: VideoTextData, records: list, loop: FitConfig, accelerator: Accelerator):
-    per_process = data.per_process_batch(accelerator.num_processes)
-    if per_process % loop.grad_accum:
-        raise ConfigError(
-            f"data.batch_size={data.batch_size} over {accelerator.num_processes} process(es) gives {per_process} per "
-            f"process, not divisible by trainer.grad_accum={loop.grad_accum}"
-        )
+def setup_train_loader(data: VideoTextData, records: list, accelerator: Accelerator):
     loader = data.train_loader(records, accelerator.num_processes, accelerator.device.type == "cuda")
     if len(loader) == 0:
         raise ConfigError(f"the training split has {len(records)} pairs, fewer than data.batch_size={data.batch_size}")
@@ -136,11 +138,12 @@ def train(cfg: DictConfig) -> dict:
     set_seed(cfg.seed)
     loop, resume_from = setup_run(cfg, accelerator)
     data = build(cfg, "data")
-    records = setup_records(data, ["train", "val", "test"], accelerator)
-    step = setup_step(cfg, loop, data)
+    step = setup_step(cfg, loop, data, accelerator)
     model, objective = step.model, step.objective
-    loader = setup_train_loader(data, records["train"], loop, accelerator)
     optimizer = build(cfg, "optim")(model)
+    check_methods(cfg.eval)
+    records = setup_records(data, ["train", "val", "test"], accelerator)  # the first step that opens files
+    loader = setup_train_loader(data, records["train"], accelerator)
     step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
     total_steps = loop.epochs * len(loader)
     scheduler = accelerator.prepare(build(cfg, "scheduler")(optimizer, total_steps=total_steps))

@@ -14,6 +14,7 @@ from neighborretr.data.dataset import VideoTextDataset
 from neighborretr.data.sampler import EpochShuffleSampler
 from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
+from neighborretr.data.video_io import BACKENDS, SAMPLING_MODES
 
 Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
 
@@ -82,6 +83,13 @@ class VideoTextData:
         extra = sorted(set(self.parser_options) - set(accepted))
         if extra:
             raise ValueError(f"data.benchmark={benchmark} does not use data.{', data.'.join(extra)}; remove it")
+        for name, mode in (("train_sampling", train_sampling), ("eval_sampling", eval_sampling)):
+            if mode not in SAMPLING_MODES:
+                raise ValueError(f"data.{name}={mode!r}: choose one of {', '.join(SAMPLING_MODES)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"data.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        if min(batch_size, eval_batch_size, max_words, max_frames) < 1:
+            raise ValueError("data.batch_size, eval_batch_size, max_words and max_frames must be >= 1")
         self.benchmark, self.root, self.video_dir = benchmark, str(root), str(video_dir)
         self.max_words, self.max_frames, self.image_size = max_words, max_frames, image_size
         self.backend, self.batch_size, self.eval_batch_size = backend, batch_size, eval_batch_size

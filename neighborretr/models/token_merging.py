@@ -166,6 +166,10 @@ class CTM(nn.Module):
     def __init__(self, dim: int, sample_ratio: float, k: int = 3):
         """Args: dim: token width D; sample_ratio: C = max(ceil(N·ratio), 1); k: DPC-kNN neighbours."""
         super().__init__()
+        if k < 1:
+            raise ValueError(f"cluster_k={k}: DPC-kNN needs at least one neighbour")
+        if not 0 < sample_ratio <= 1:
+            raise ValueError(f"token-merging ratio {sample_ratio} must lie in (0, 1]")
         self.sample_ratio = sample_ratio
         self.k = k
         self.conv = nn.Conv1d(dim, dim, kernel_size=3, padding=1, bias=False)

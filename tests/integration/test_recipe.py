@@ -3,6 +3,7 @@ files it writes."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,25 @@ def test_evaluating_a_moved_dataset_follows_the_saved_unresolved_config(tiny_syn
         GradientState._reset_state()
     for direction in ("t2v", "v2t"):
         assert rows["none"][direction] == pytest.approx(results["normalized"]["none"][direction])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.num_neighbors=10", "num_neighbors=10 needs at least 12"),
+        ("trainer.grad_accum=3", "not divisible by trainer.grad_accum=3"),
+        ("optim.name=sgd", "optim: unknown optimizer 'sgd'"),
+        ("optim.lr=-1", "optim: lr"),
+        ("model.cluster_k=0", "cluster_k=0"),
+        ("loss.kl_reduction=foo", "kl_reduction='foo'"),
+        ("data.train_sampling=foo", "data.train_sampling='foo'"),
+        ("eval.normalizations=[none,foo]", "eval.normalizations: unknown ['foo']"),
+        ("trainer.mixed_precision=fp8", "trainer.mixed_precision=fp8"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_file_is_read(override, message, tmp_path):
+    """The data root does not exist: each refusal must come first, as a ConfigError naming the setting."""
+    from neighborretr_train.common import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_train([*RUN, f"data.root={tmp_path / 'nowhere'}", override], tmp_path / "out")
