@@ -85,7 +85,7 @@ class MemoryBank(nn.Module):
             k: state_dict[prefix + k] for k in ("text", "text_mask", "video", "video_mask") if prefix + k in state_dict
         }
         if len(saved) == 4 and not self.allocated:
-            self._allocate({k: v.to(self.ids.device)[:0] for k, v in saved.items()})
+            self._allocate({k: v[:0].to(self.ids.device) for k, v in saved.items()})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, items: dict[str, torch.Tensor]) -> int:

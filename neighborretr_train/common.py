@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import hydra
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType, broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
@@ -23,6 +24,7 @@ from neighborretr.data.module import VideoTextData
 from neighborretr.data.video_io import VideoDecodeError
 from neighborretr.eval.hubness import METHODS
 from neighborretr.eval.pipeline import evaluate_report
+from neighborretr_train import config_dir
 
 log = logging.getLogger("neighborretr")
 # Accelerate logs every file it writes at INFO; keep the console for progress and results.
@@ -73,6 +75,17 @@ def build(cfg: DictConfig, key: str, **kwargs):
             raise ConfigError(f"{key}: {err}") from err
 
     return call
+
+
+def hydra_entry(config_name: str, recipe: Callable[[DictConfig], object]) -> Callable[[], object]:
+    """The command-line entry point of a recipe: Hydra composes `config_name` from the shipped configs (plus the
+    command line) and user errors end as one line and exit status 1."""
+
+    def main(cfg: DictConfig):
+        return recipe(cfg)
+
+    main.__module__ = recipe.__module__  # Hydra names the job (and its log file) after the recipe's module
+    return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(main))
 
 
 def _rank_zero_dir(path: str) -> str:
@@ -154,7 +167,7 @@ def setup_records(data: VideoTextData, splits: list[str], accelerator: Accelerat
         return records
     bad = [None]
     if accelerator.is_main_process:
-        bad = [data.bad_videos(list({id(r): r for rs in records.values() for r in rs}.values()))]
+        bad = [data.bad_videos([r for rs in records.values() for r in rs])]
     if accelerator.num_processes > 1:
         broadcast_object_list(bad)
     bad = bad[0]

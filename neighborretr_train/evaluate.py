@@ -12,24 +12,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from neighborretr.eval.pipeline import write_report
-from neighborretr_train import config_dir
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
     check_methods,
     check_model_data,
+    hydra_entry,
     log,
     setup_accelerator,
     setup_output_dir,
     setup_records,
-    user_errors,
 )
 
 
@@ -107,10 +105,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return report["rows"]
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
-@user_errors
-def main(cfg: DictConfig) -> dict:
-    return evaluate(cfg)
+main = hydra_entry("eval", evaluate)
 
 
 if __name__ == "__main__":

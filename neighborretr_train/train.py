@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -19,20 +18,19 @@ from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, wri
 from neighborretr.eval.pipeline import write_report
 from neighborretr.metrics_log import MetricsLog
 from neighborretr.train_step import TrainStep
-from neighborretr_train import config_dir
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
     check_methods,
     check_model_data,
+    hydra_entry,
     log,
     save_config,
     setup_accelerator,
     setup_output_dir,
     setup_records,
     setup_tracker,
-    user_errors,
 )
 
 
@@ -187,10 +185,7 @@ def train(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-@user_errors
-def main(cfg: DictConfig) -> dict:
-    return train(cfg)
+main = hydra_entry("train", train)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -24,8 +23,7 @@ from neighborretr.data.validation import (
     video_problems,
     write_problems,
 )
-from neighborretr_train import config_dir
-from neighborretr_train.common import ConfigError, build, user_errors
+from neighborretr_train.common import ConfigError, build, hydra_entry
 
 log = logging.getLogger("neighborretr")
 SHOWN = 50  # problems printed on the console; the CSV has all of them
@@ -63,11 +61,12 @@ def validate(cfg: DictConfig) -> int:
     return errors
 
 
-@hydra.main(config_path=str(config_dir()), config_name="validate", version_base="1.3")
-@user_errors
-def main(cfg: DictConfig) -> None:
+def _exit_status(cfg: DictConfig) -> None:
     if validate(cfg):
         raise SystemExit(1)
+
+
+main = hydra_entry("validate", _exit_status)
 
 
 if __name__ == "__main__":
