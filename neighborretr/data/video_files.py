@@ -15,13 +15,31 @@ def _strip_video_extension(name: str) -> str:
     return stem if ext.lower() in VIDEO_EXTENSIONS else name
 
 
-class VideoIndex:
-    """Maps records to files under `video_dir` (scanned once, recursively).
+def _lookups(name: str) -> list[tuple[str, str]]:
+    """The lookups of one name, best first: ``("name", file name)`` or ``("stem", stem of a video file)``.
 
-    A record's file is, in this order: a file named exactly like the video id (DiDeMo ids carry their
-    extension), then a file whose stem is the id, or the id without its video extension (a re-encoded copy),
-    then the same for each of the record's `file_stems`. Among several files with the same stem the
-    extension order of VIDEO_EXTENSIONS decides, so the choice does not depend on the file system.
+    ``x.mov`` gives the file ``x.mov``, then stem ``x.mov`` (``x.mov.mp4``), then stem ``x`` (``x.mp4``); ``x``
+    gives stem ``x`` only (a name without an extension cannot be a video file's full name).
+    """
+    lookups = [("name", name)] if os.path.splitext(name)[1] else []
+    for stem in (name, _strip_video_extension(name)):
+        if ("stem", stem) not in lookups:
+            lookups.append(("stem", stem))
+    return lookups
+
+
+class VideoIndex:
+    """Maps records to files under `video_dir` (scanned once, recursively; only file names are read).
+
+    The names of a record are its `video_id`, then each of its `file_stems`. For each name, in this order:
+
+    1. a file named exactly like the name, when the name has an extension (DiDeMo ids carry theirs: ``x.mov``);
+    2. a video file whose stem is the whole name (``x.mov.mp4``, as the DiDeMo download scripts save them);
+    3. a video file whose stem is the name without its video extension (``x.mp4``, a re-encoded copy).
+
+    A video file is one with an extension of VIDEO_EXTENSIONS (any case). Among several files with the same stem
+    the extension order of VIDEO_EXTENSIONS decides, then the path, so the choice does not depend on the file
+    system. :meth:`describe_missing` lists every pattern that was looked up.
     """
 
     def __init__(self, video_dir: str | Path):
@@ -45,13 +63,18 @@ class VideoIndex:
     def _names(self, record: Record) -> list[str]:
         return [record.video_id, *record.file_stems]
 
+    def _lookups(self, record: Record) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for name in self._names(record):
+            found += [lookup for lookup in _lookups(name) if lookup not in found]
+        return found
+
     def candidates(self, record: Record) -> list[Path]:
         """Every file that could be the record's video, best first (more than one means an ambiguous id)."""
         found: list[str] = []
-        for name in self._names(record):
-            for path in [self._by_name.get(name), *self._by_stem.get(_strip_video_extension(name), [])]:
-                if path is not None and path not in found:
-                    found.append(path)
+        for kind, key in self._lookups(record):
+            paths = [self._by_name.get(key)] if kind == "name" else self._by_stem.get(key, [])
+            found += [p for p in paths if p is not None and p not in found]
         return [Path(p) for p in found]
 
     def find(self, record: Record) -> Path | None:
@@ -60,5 +83,20 @@ class VideoIndex:
         return found[0] if found else None
 
     def describe_missing(self, record: Record) -> str:
-        names = ", ".join(f"{_strip_video_extension(n)}.*" for n in self._names(record))
-        return f"no file for video {record.video_id!r} under {self.video_dir} (looked for {names})"
+        """Why :meth:`find` found nothing: the folder and every pattern that was looked up.
+
+        ``stem.*`` stands for ``stem`` plus any extension of VIDEO_EXTENSIONS. Per name, a name with a video
+        extension lists the pattern without it first (``x.*, x.mov, x.mov.*`` for ``x.mov``), so the list is
+        not the order of preference, which the class docstring gives.
+        """
+        patterns: list[str] = []
+        for name in self._names(record):
+            lookups = _lookups(name)
+            stripped = ("stem", _strip_video_extension(name))
+            if stripped[1] != name:
+                lookups = [stripped] + [lookup for lookup in lookups if lookup != stripped]
+            for kind, key in lookups:
+                pattern = key if kind == "name" else f"{key}.*"
+                if pattern not in patterns:
+                    patterns.append(pattern)
+        return f"no file for video {record.video_id!r} under {self.video_dir} (looked for {', '.join(patterns)})"

@@ -1,4 +1,5 @@
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +80,148 @@ def test_cli_errors_are_clear(sims, tmp_path):
     assert ok["none"]["q2g"]["R@1"] >= 0
     with pytest.raises(SystemExit, match="needs --query-bank"):
         normalize_sims.main(["--test", str(root / "test.npy"), "--methods", "is"])
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "normalize_sims.py"
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_printed_table_shows_the_numbers(tmp_path):
+    # 8 queries x 10 gallery items; queries 0-4 score their own item highest, queries 5-7 score item 9 highest.
+    rng = np.random.default_rng(1)
+    sim = rng.uniform(-0.5, 0.5, size=(8, 10)).astype(np.float32)
+    sim[np.arange(8), np.arange(8)] = 0.8
+    sim[5:, 9] = 0.9
+    gt = np.arange(8)
+    np.save(tmp_path / "test.npy", sim)
+    np.save(tmp_path / "gt.npy", gt)
+    expected_r1 = 100.0 * np.mean(sim.argmax(axis=1) == gt)  # 62.5, computed without the library
+    assert expected_r1 == 62.5
+    gt_file, out = tmp_path / "gt.npy", tmp_path / "out"
+    done = _run("--test", tmp_path / "test.npy", "--gt", gt_file, "--methods", "none", "--k", "2", "--out", out)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(line.split() for line in lines if line.split()[:1] == ["method"])
+    row = next(line.split() for line in lines if line.split()[:1] == ["none"])
+    assert len(row) == len(header) and "-" not in row
+    assert row[header.index("R@1")] == f"{expected_r1:.1f}"
+    assert json.loads((out / "metrics.json").read_text())["rows"]["none"]["q2g"]["R@1"] == expected_r1
+
+
+@pytest.fixture
+def bad_inputs(sims):
+    root, files = sims
+    np.save(root / "empty.npy", np.zeros((0, 12), np.float32))
+    np.save(root / "gt_half.npy", np.arange(12) + 0.5)
+    np.save(root / "gt_out.npy", np.arange(1, 13))
+    np.save(root / "gt_short.npy", np.arange(11))
+    np.save(root / "qgb_narrow.npy", files["query-gallery-bank"][:, :7].numpy())
+    return root
+
+
+BAD = {
+    "missing gt": (["--gt", "{root}/nope.npy"], "--gt: no such file"),
+    "empty test": (["--test", "{root}/empty.npy"], "--test: {root}/empty.npy has shape (0, 12)"),
+    "empty query bank": (["--query-bank", "{root}/empty.npy"], "--query-bank: {root}/empty.npy has shape (0, 12)"),
+    "empty gallery bank": (["--gallery-bank", "{root}/empty.npy"], "--gallery-bank: {root}/empty.npy has shape"),
+    "k above gallery": (["--k", "13"], "--k 13 is larger than the gallery (12 columns of --test)"),
+    "negative beta q": (["--beta-query-bank", "-1"], "--beta-query-bank must be a finite number >= 0"),
+    "negative beta g": (["--beta-gallery-bank", "-0.5"], "--beta-gallery-bank must be a finite number >= 0"),
+    "negative tau": (["--tau", "-0.01"], "--tau must be a finite number > 0"),
+    "zero iters": (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be >= 1"),
+    "dis-k above gallery": (
+        ["--query-bank", "{root}/query-bank.npy", "--methods", "is", "--dis-k", "13"],
+        "--dis-k 13 is larger than the gallery",
+    ),
+    "float gt": (["--gt", "{root}/gt_half.npy"], "holds 0.5 at position 0; gallery indices must be whole numbers"),
+    "gt out of range": (["--gt", "{root}/gt_out.npy"], "holds 12 at position 11, outside the gallery"),
+    "gt too short": (["--gt", "{root}/gt_short.npy"], "has shape (11,), but --test has 12 queries"),
+    "bank columns": (["--query-bank", "{root}/query-gallery-bank.npy"], "has 20 columns but --test has 12"),
+    "dbsn rows": (
+        ["--query-bank", "{root}/gallery-bank.npy", "--query-gallery-bank", "{root}/query-gallery-bank.npy"],
+        "--query-gallery-bank has 30 rows but --query-bank has 20",
+    ),
+    "dbsn columns": (
+        ["--gallery-bank", "{root}/gallery-bank.npy", "--query-gallery-bank", "{root}/qgb_narrow.npy"],
+        "--query-gallery-bank has 7 columns but --gallery-bank has 20 rows",
+    ),
+    "logit without factor": (["--scale", "logit"], "need --logit-scale"),
+    "cosine bank declared logit": (
+        ["--gallery-bank", "{root}/gallery-bank.npy", "--scale", "logit", "--logit-scale", "100"]
+        + ["--test-scale", "cosine"],
+        "--gallery-bank is declared on the logit scale but max|s|",
+    ),
+}
+
+
+def _bad_args(root, case):
+    extra, message = BAD[case]
+    args = ["--test", root / "test.npy", "--out", root / "out", *(a.format(root=root) for a in extra)]
+    return [str(a) for a in args], message.format(root=root)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_a_one_line_error(bad_inputs, case):
+    # In-process: SystemExit with a str is what Python prints on stderr, with exit status 1; any other exception
+    # (a traceback) fails the test.
+    args, message = _bad_args(bad_inputs, case)
+    with pytest.raises(SystemExit) as exit_info:
+        normalize_sims.main(args)
+    text = exit_info.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text
+    assert message in text
+    assert not (bad_inputs / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing gt", "empty test", "k above gallery", "negative beta q", "float gt"])
+def test_bad_input_exits_1_with_one_stderr_line(bad_inputs, case):
+    args, message = _bad_args(bad_inputs, case)
+    done = _run(*args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert message in done.stderr and done.stdout == ""
+
+
+def test_whole_float_gt_is_accepted(sims):
+    root, files = sims
+    order = np.arange(12)[::-1].copy()
+    np.save(root / "gt.npy", order.astype(np.float64))
+    rows = normalize_sims.main(["--test", str(root / "test.npy"), "--gt", str(root / "gt.npy"), "--out", str(root)])
+    expected = rank_metrics(
+        positive_ranks(files["test"], torch.nn.functional.one_hot(torch.as_tensor(order), 12).bool())
+    )
+    assert {key: rows["none"]["q2g"][key] for key in expected} == expected
+    assert expected != rank_metrics(positive_ranks(files["test"], torch.eye(12, dtype=torch.bool)))
+
+
+def test_each_input_declares_its_scale(sims):
+    # CLIP-style export: cross-modal matrices as logits (x64, exact in float32), the intra-modal gallery bank as
+    # cosines. Reading each on its own scale must give exactly the all-cosine result.
+    root, files = sims
+    for name in ("test", "query-bank"):
+        np.save(root / f"{name}-logit.npy", (64 * files[name]).numpy())
+    common = ["--methods", "dualis", "--beta-gallery-bank", "20", "--k", "3"]
+    cosine = normalize_sims.main(_args(root, *common, "--out", str(root / "cos")))
+    mixed = normalize_sims.main(
+        ["--test", str(root / "test-logit.npy"), "--query-bank", str(root / "query-bank-logit.npy")]
+        + ["--gallery-bank", str(root / "gallery-bank.npy"), "--out", str(root / "mixed"), *common]
+        + ["--scale", "logit", "--logit-scale", "64", "--gallery-bank-scale", "cosine"]
+    )
+    assert mixed == cosine
+    settings = json.loads((root / "mixed" / "metrics.json").read_text())["settings"]
+    assert (settings["test_scale"], settings["query_bank_scale"], settings["gallery_bank_scale"]) == (
+        "logit",
+        "logit",
+        "cosine",
+    )
+    # The gallery-bank term matters here: rescaling the bank as if it were logits (the old --scale logit) changes
+    # the result, so the equality above is not a coincidence.
+    dropped = normalize(files["test"], "dualis", files["query-bank"], files["gallery-bank"] / 64, beta_gallery_bank=20)
+    kept = normalize(files["test"], "dualis", files["query-bank"], files["gallery-bank"], beta_gallery_bank=20)
+    assert rank_metrics(positive_ranks(dropped, torch.eye(12, dtype=torch.bool))) != rank_metrics(
+        positive_ranks(kept, torch.eye(12, dtype=torch.bool))
+    )
