@@ -17,6 +17,8 @@ from neighborretr.data.video_io import SAMPLING_MODES, VideoDecodeError, read_fr
 
 log = logging.getLogger(__name__)
 
+MAX_SUBSTITUTE_DECODES = 16  # videos tried in turn for a substitute before a run gives up
+
 
 class VideoTextDataset(Dataset):
     """Caption-video pairs of any benchmark, as dicts of tensors.
@@ -30,6 +32,12 @@ class VideoTextDataset(Dataset):
     Random draws and `augment` are seeded by seed, epoch and index, so results depend neither on the worker
     count nor on resuming. `augment(frames [n, H, W, 3] uint8, seed) -> frames` runs only when `train`.
     `videos` maps records to files (built from `video_dir` when not given).
+
+    A video that fails to decode raises `VideoDecodeError` naming the file, unless `skip_bad` (training only: a
+    substitute would corrupt evaluation metrics). Then the item is logged and replaced by the next item (wrapping)
+    whose video decodes, exactly as that item is loaded on its own (its own caption_index and video_index: a real
+    pair), and every item holds `skipped`: 1 for a substitute, 0 otherwise. At most `MAX_SUBSTITUTE_DECODES`
+    other videos are tried before the error is raised.
     """
 
     def __init__(
@@ -48,7 +56,10 @@ class VideoTextDataset(Dataset):
         framerate: float | None = None,
         augment: Callable[[np.ndarray, int], np.ndarray] | None = None,
         videos: VideoIndex | None = None,
+        skip_bad: bool = False,
     ):
+        if skip_bad and not train:
+            raise ValueError("skip_bad substitutes other items for bad videos: only for a training dataset")
         if not records:
             raise ValueError(f"no annotation records for the videos in {video_dir}")
         sampling = sampling or ("random" if train else "uniform")
@@ -71,6 +82,7 @@ class VideoTextDataset(Dataset):
         self.epoch = 0
         self.load_text = load_text
         self.load_video = load_video
+        self.skip_bad = skip_bad and load_video
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -105,7 +117,7 @@ class VideoTextDataset(Dataset):
         mask[: len(clip)] = 1
         return video, mask
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
         record = self.records[index]
         item = {
             "video_index": torch.tensor(self._video_index[record.video_id]),
@@ -116,3 +128,37 @@ class VideoTextDataset(Dataset):
         if self.load_video:
             item["video"], item["video_mask"] = self._video(record, index)
         return item
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not self.skip_bad:
+            return self._item(index)
+        try:
+            return self._item(index) | {"skipped": torch.tensor(0)}
+        except VideoDecodeError as err:
+            first = err
+        bad = {self.records[index].video_id}
+        tried = 0
+        for offset in range(1, len(self)):
+            other = (index + offset) % len(self)
+            if self.records[other].video_id in bad:
+                continue
+            if tried == MAX_SUBSTITUTE_DECODES:
+                break
+            tried += 1
+            try:
+                item = self._item(other)
+            except VideoDecodeError as err:
+                log.warning("skipping a bad video (data.skip_bad_videos=true): %s", err)
+                bad.add(self.records[other].video_id)
+                continue
+            log.warning(
+                "skipping a bad video (data.skip_bad_videos=true): %s; item %d replaced by item %d",
+                first,
+                index,
+                other,
+            )
+            return item | {"skipped": torch.tensor(1)}
+        raise VideoDecodeError(
+            f"too many bad videos: no substitute for item {index} among the {tried} next other video(s) "
+            f"({len(bad)} bad, the first {first})"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import signal
 
 import numpy as np
 from torch.utils.data import DataLoader, Subset
@@ -17,6 +18,13 @@ from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import BACKENDS, SAMPLING_MODES
 
 Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGINT / SIGTERM (a Ctrl-C or a scheduler signals the whole process group): the main
+    process finishes its step and saves; the workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def first_per_video(records: list[Record]) -> list[Record]:
@@ -42,8 +50,11 @@ class VideoTextData:
         backend: video decoder, "decord" or "pyav".
         batch_size: the global batch over all processes; eval_batch_size: per process.
         num_workers: loader processes per process.
-        check_videos: decode every video's evaluation frames before training; skip_bad_videos: drop bad videos
-            instead of stopping (read by the recipe's pre-flight check).
+        check_videos: decode every video's evaluation frames before training.
+        skip_bad_videos: go on without bad videos instead of stopping: the recipe's pre-flight check drops them,
+            and a training video that fails at run time (check_videos=false, or a file that rots mid-run) is
+            logged and its item replaced by the next good one, counted as `skipped` (logged as
+            train/skipped_videos). Evaluation never substitutes: a bad evaluation video always stops the run.
         video_framerate: sample from the first frame of every 1/N s; None = every frame.
         train_sampling, eval_sampling: "uniform" | "random" | "head" (see `read_frames`).
         rand_augment: a timm RandAugment string applied identically to every frame of a training clip, or None.
@@ -121,7 +132,7 @@ class VideoTextData:
         return ClipRandAugment(self.rand_augment)
 
     def dataset(self, records: list[Record], train: bool, **kwargs) -> VideoTextDataset:
-        """The dataset of `records` with this object's settings (kwargs: load_text / load_video)."""
+        """The dataset of `records` with this object's settings (kwargs: load_text / load_video / skip_bad)."""
         if kwargs.get("load_video", True):
             kwargs.update(
                 videos=self.videos,
@@ -150,7 +161,7 @@ class VideoTextData:
 
     def train_loader(self, records: list[Record], num_processes: int, pin_memory: bool = False) -> DataLoader:
         """Shuffled (a new order every epoch, from seed and epoch) full batches of `batch_size / num_processes`."""
-        dataset = self.dataset(records, train=True)
+        dataset = self.dataset(records, train=True, skip_bad=self.skip_bad_videos)
         return DataLoader(
             dataset,
             batch_size=self.per_process_batch(num_processes),
@@ -160,6 +171,7 @@ class VideoTextData:
             persistent_workers=False,  # workers must see the dataset's epoch, set before each epoch
             pin_memory=pin_memory,
             prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def refill_loader(
@@ -170,6 +182,8 @@ class VideoTextData:
 
         With `keep` (the bank's capacity) only the last ceil(keep / batch_size) of those batches are loaded: the
         earlier ones would be pushed out of the bank by the later ones, so the bank ends the same without them.
+        With data.skip_bad_videos its batches carry the training dataset's `skipped` key too: the encoder reads only
+        the text, video and caption_index keys, so substitutes fill the bank as real pairs and are not counted.
         """
         count = min(len(dataset), batches * self.batch_size) // self.batch_size * self.batch_size
         indices = np.random.default_rng(self.seed).permutation(len(dataset))[:count].tolist()
@@ -181,12 +195,18 @@ class VideoTextData:
             shuffle=False,
             drop_last=True,
             num_workers=self.num_workers,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def _pair(self, text_records: list[Record], video_records: list[Record]) -> Loaders:
         texts = self.dataset(text_records, train=False, load_video=False)
         videos = self.dataset(video_records, train=False, load_text=False)
-        kw = dict(batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        kw = dict(
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            worker_init_fn=ignore_stop_signals,
+        )
         return DataLoader(texts, **kw), DataLoader(videos, **kw)
 
     def eval_loaders(self, records: list[Record]) -> Loaders:
