@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,23 +18,33 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from neighborretr.checkpoint import checkpoint_dirs, save_checkpoint
 from neighborretr.metrics_log import MetricsLog
+from neighborretr.preemption import Preempted, StopRequest
 from neighborretr.train_step import TrainStep, backward_step
 
 log = logging.getLogger(__name__)
 
 Validator = Callable[[], dict[str, dict[str, float]]]
+# Selection needs "higher is better": the recalls and their sum (ranks would pick the worst epoch).
+SELECT_METRICS = ("rsum", *(f"{d}/R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)))
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite; raised before the update it would have made."""
 
 
 @dataclass
 class TrainState:
-    """Loop position and model-selection record; saved in every checkpoint through `register_for_checkpointing`."""
+    """Loop position and model-selection record; saved as JSON in every checkpoint (loop.json)."""
 
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of `epoch` already consumed (mid-epoch resume skips them)
     global_step: int = 0  # optimiser steps
     best_score: float = -math.inf
     best_epoch: int = -1
+    skipped_videos: int = 0  # training items whose video failed to decode and was replaced (all ranks)
+    nonfinite_skipped: int = 0  # steps dropped by trainer.nonfinite=skip
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -60,8 +69,11 @@ class FitConfig:
     max_grad_norm: float = 1.0
     log_every: int = 10
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    checkpoint_every_minutes: float = 0.0  # 0: off; else also save when this much time passed since the last save
     keep_checkpoints: int = 2
     select_metric: str = "rsum"
+    nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the update
+    max_nonfinite_skips: int = 10  # with nonfinite="skip": stop when more steps than this were skipped
     max_steps: int | None = None  # stop after this many optimiser steps (debugging)
     abort_after_steps: int | None = None  # hard-exit after this many steps, to test resuming (debugging)
     max_logit_scale: float = 100.0
@@ -72,34 +84,26 @@ class FitConfig:
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)
-        if self.grad_accum < 1:
-            raise ValueError(f"trainer.grad_accum={self.grad_accum} must be >= 1")
+        at_least = {"epochs": 1, "grad_accum": 1, "log_every": 1, "checkpoint_every_steps": 0, "keep_checkpoints": 0}
+        at_least |= {"max_grad_norm": 0, "checkpoint_every_minutes": 0, "max_nonfinite_skips": 0, "max_logit_scale": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= {low}")
+        for name in ("max_steps", "abort_after_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 1 or null")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"trainer.nonfinite={self.nonfinite!r}: choose stop or skip")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"trainer.select_metric={self.select_metric!r}: choose one of {', '.join(SELECT_METRICS)}")
 
 
 def selection_score(metrics: dict[str, dict[str, float]], name: str) -> float:
-    """Model-selection score: "rsum" (R@1+R@5+R@10 of both directions) or a "<direction>/<metric>" key."""
+    """Model-selection score (higher is better): "rsum" (R@1+R@5+R@10 of both directions) or "<direction>/R@K"."""
     if name == "rsum":
         return sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
     direction, _, metric = name.partition("/")
-    if direction not in metrics or metric not in metrics[direction]:
-        raise ValueError(f"trainer.select_metric={name!r} is not 'rsum' or one of t2v/R@1, v2t/R@5, ...")
     return metrics[direction][metric]
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    return sorted((run_dir / "checkpoints").glob("step_*"))
-
-
-def save_checkpoint(accelerator: Accelerator, state: TrainState, run_dir: Path, keep: int) -> Path:
-    """Saves model, optimiser, scheduler, RNG and the TrainState; prunes all but the newest `keep`."""
-    path = run_dir / "checkpoints" / f"step_{state.global_step:08d}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process and keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return path
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -141,12 +145,14 @@ def train_one_epoch(
     cfg: FitConfig,
     log_metrics: MetricsLog,
     refill_loader: DataLoader | None = None,
+    stop: StopRequest | None = None,
 ) -> bool:
     """Runs the rest of epoch `state.epoch`; returns False when a step limit ended training early.
 
     Args:
         step: the prepared TrainStep (model + objective).
         refill_loader: the batches the objective's `refill` takes at the start of the epoch (its memory bank).
+        stop: polled after every step; a signal saves a checkpoint and raises `Preempted`, a due time saves one.
     """
     unwrapped: TrainStep = accelerator.unwrap_model(step)
     objective = unwrapped.objective
@@ -168,13 +174,13 @@ def train_one_epoch(
     for batch in batches:
         got = time.perf_counter()
         wait += got - tic
+        state.skipped_videos += _skipped_videos(accelerator, batch)
         losses, gathered = backward_step(accelerator, step, batch, cfg.grad_accum)
-        # After the backward, as the official code: the batch is never its own neighbour.
-        objective.update(gathered, gathered["caption_index"])
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(step.parameters(), cfg.max_grad_norm)
-        lr = _current_lr(optimizer)  # the rate this update used, read before the schedule moves on
-        optimizer.step()
+        lr = _current_lr(optimizer)  # the rate this update uses, read before the schedule moves on
+        if _check_finite(accelerator, step, losses, state, cfg):
+            # After the backward, as the official code: the batch is never its own neighbour.
+            objective.update(gathered, gathered["caption_index"])
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         unwrapped.model.clamp_logit_scale(cfg.max_logit_scale)
@@ -191,6 +197,8 @@ def train_one_epoch(
                 "train/logit_scale": unwrapped.model.logit_scale.exp().item(),
                 "train/clips_per_s": clips / max(wait + busy, 1e-9),
                 "train/data_wait": wait / max(wait + busy, 1e-9),
+                "train/skipped_videos": state.skipped_videos,
+                "train/nonfinite_skipped": state.nonfinite_skipped,
                 "epoch": state.epoch,
             }
             log_metrics(logs, step=state.global_step)
@@ -202,8 +210,14 @@ def train_one_epoch(
             )
             wait = busy = 0.0
             clips = 0
-        if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
-            save_checkpoint(accelerator, state, cfg.run_dir, cfg.keep_checkpoints)
+        stopping, due = stop.poll() if stop is not None else (False, False)
+        if due or stopping or (cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0):
+            saved = save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints)
+            if stop is not None:
+                stop.saved()
+            if stopping:
+                bar.close()
+                raise Preempted(stop.signame, saved)
         if cfg.abort_after_steps is not None and state.global_step >= cfg.abort_after_steps:
             accelerator.print(f"abort_after_steps={cfg.abort_after_steps}: exiting without cleanup")
             os._exit(3)  # simulates a killed job: nothing is flushed or saved
@@ -214,14 +228,58 @@ def train_one_epoch(
     return True
 
 
+def _skipped_videos(accelerator: Accelerator, batch: dict) -> int:
+    """Items of `batch` (on all processes) the dataset substituted for videos that failed to decode
+    (data.skip_bad_videos=true); removes the marker from the batch."""
+    if "skipped" not in batch:
+        return 0
+    return int(accelerator.reduce(batch.pop("skipped").sum(), "sum").item())
+
+
+def _check_finite(accelerator: Accelerator, step: nn.Module, losses: dict, state: TrainState, cfg: FitConfig) -> bool:
+    """Clips the gradients and says whether the update may go ahead. A NaN/inf loss term or gradient norm stops
+    the run (`cfg.nonfinite="stop"`) or drops this update (`"skip"`, up to `cfg.max_nonfinite_skips` times),
+    before anything is updated. Under fp16 an infinite gradient norm is the gradient scaler's business: it
+    skips the step and lowers its scale. Every process sees the same loss and all-reduced gradients, so all
+    decide alike."""
+    norm = accelerator.clip_grad_norm_(step.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    values = {k: v.item() for k, v in losses.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    norm = float(norm) if norm is not None else 0.0
+    if not math.isfinite(norm) and accelerator.scaler is None:
+        bad["gradient norm"] = norm
+    if not bad:
+        return True
+    found = ", ".join(f"{k}={v}" for k, v in bad.items())
+    if cfg.nonfinite == "skip" and state.nonfinite_skipped < cfg.max_nonfinite_skips:
+        state.nonfinite_skipped += 1
+        log.warning(
+            "step %d: non-finite %s; update skipped (%d so far)", state.global_step + 1, found, state.nonfinite_skipped
+        )
+        return False
+    saved = checkpoint_dirs(cfg.run_dir)
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+    limit = (
+        f" after {state.nonfinite_skipped} skipped step(s) (trainer.max_nonfinite_skips)"
+        if cfg.nonfinite == "skip"
+        else ""
+    )
+    raise NonFiniteError(
+        f"step {state.global_step + 1}: non-finite {found}{limit}; stopped before the update, {last}. Lower "
+        "optim.lr or trainer.max_grad_norm, try trainer.mixed_precision=no, or set trainer.nonfinite=skip"
+    )
+
+
 def save_best(accelerator: Accelerator, step: nn.Module, run_dir: Path) -> None:
     """Writes the selected model's weights (the retrieval model alone, not the objective) to run_dir/best/model.pt;
     every rank takes part, which sharded setups need to assemble the full state dict."""
     state = accelerator.get_state_dict(step)
     if accelerator.is_main_process:
         weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        (run_dir / "best").mkdir(parents=True, exist_ok=True)
-        accelerator.save(weights, run_dir / "best" / "model.pt")
+        path = run_dir / "best" / "model.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, path.with_suffix(".pt.tmp"))
+        os.replace(path.with_suffix(".pt.tmp"), path)  # a kill mid-write leaves the previous best intact
     accelerator.wait_for_everyone()
 
 
@@ -250,31 +308,35 @@ def fit(
             f"{type(objective).__name__} refills its memory bank from {objective.refill_batches} training batches "
             "every epoch: pass refill_loader"
         )
-    while state.epoch < cfg.epochs:
-        finished = train_one_epoch(
-            accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader
-        )
-        metrics = validate()
-        # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
-        score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
-        flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
-        log_metrics(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
-        state.history.append({"epoch": state.epoch, "step": state.global_step, "score": score, **flat})
-        improved = score > state.best_score
-        if improved:
-            state.best_score, state.best_epoch = score, state.epoch
-            save_best(accelerator, step, cfg.run_dir)
-        accelerator.print(
-            f"epoch {state.epoch}: val {cfg.select_metric}={score:.2f} "
-            f"(t2v R@1 {metrics['t2v']['R@1']:.1f}, v2t R@1 {metrics['v2t']['R@1']:.1f})"
-            + (" *best*" if improved else "")
-        )
-        if finished:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-        save_checkpoint(accelerator, state, cfg.run_dir, cfg.keep_checkpoints)
-        if not finished:
-            break
+    with StopRequest(accelerator, cfg.checkpoint_every_minutes) as stop:
+        while state.epoch < cfg.epochs:
+            finished = train_one_epoch(
+                accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader, stop
+            )
+            metrics = validate()
+            # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
+            score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
+            flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
+            log_metrics(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
+            state.history.append({"epoch": state.epoch, "step": state.global_step, "score": score, **flat})
+            improved = score > state.best_score
+            if improved:
+                state.best_score, state.best_epoch = score, state.epoch
+                save_best(accelerator, step, cfg.run_dir)
+            accelerator.print(
+                f"epoch {state.epoch}: val {cfg.select_metric}={score:.2f} "
+                f"(t2v R@1 {metrics['t2v']['R@1']:.1f}, v2t R@1 {metrics['v2t']['R@1']:.1f})"
+                + (" *best*" if improved else "")
+            )
+            if finished:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+            saved = save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints)
+            stop.saved()
+            if stop.poll()[0]:  # a signal during validation
+                raise Preempted(stop.signame, saved)
+            if not finished:
+                break
     return state
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
-import tempfile
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,15 +18,20 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from neighborretr.checkpoint import CheckpointError
 from neighborretr.data.annotations import AnnotationError, Record
 from neighborretr.data.module import VideoTextData
 from neighborretr.data.video_io import VideoDecodeError
+from neighborretr.engine import NonFiniteError
 from neighborretr.eval.hubness import METHODS
 from neighborretr.eval.pipeline import evaluate_report
+from neighborretr.preemption import PREEMPTED_EXIT, Preempted
 from neighborretr_train import config_dir
+from neighborretr_train.schema import ConfigError, SchemaError
 
 log = logging.getLogger("neighborretr")
 # Accelerate logs every file it writes at INFO; keep the console for progress and results.
@@ -35,8 +42,21 @@ logging.getLogger("accelerate").setLevel(logging.WARNING)
 SUPPORTED_ENGINES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
-class ConfigError(ValueError):
-    """Settings that cannot work together."""
+CLAIM = "config.yaml"  # the file whose exclusive creation makes a folder a run's own
+
+
+# Errors a user can fix from the message alone.
+USER_ERRORS = (AnnotationError, FileNotFoundError, ConfigError, SchemaError, CheckpointError, NonFiniteError)
+
+
+def _one_line(err: Exception) -> str:
+    """The message of `err`; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback), its last line, which is the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        kind, _, message = text.strip().splitlines()[-1].partition(": ")  # "package.module.Error: message"
+        return message if kind.endswith(type(err).__name__) else f"{kind}: {message}"
+    return text
 
 
 def user_errors(main: Callable) -> Callable:
@@ -47,8 +67,14 @@ def user_errors(main: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (AnnotationError, FileNotFoundError, VideoDecodeError, ConfigError) as err:
-            raise SystemExit(f"error: {err}") from err
+        except Preempted as stop:
+            print(
+                f"{stop}; continue it with trainer.resume={stop.checkpoint.parent.parent} (or trainer.resume=latest)",
+                file=sys.stderr,
+            )
+            raise SystemExit(PREEMPTED_EXIT) from stop
+        except (*USER_ERRORS, VideoDecodeError) as err:
+            raise SystemExit(f"error: {_one_line(err)}") from err
 
     return wrapper
 
@@ -88,17 +114,6 @@ def hydra_entry(config_name: str, recipe: Callable[[DictConfig], object]) -> Cal
     return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(user_errors(main))
 
 
-def _rank_zero_dir(path: str) -> str:
-    """Hydra's run dir on the main process; a throw-away dir on the others, which all write to the main
-    process's dir (broadcast in `setup_run_dir`), so a multi-process run has exactly one run folder."""
-    if os.environ.get("RANK", "0") == "0":
-        return path
-    return tempfile.mkdtemp(prefix="neighborretr_rank")
-
-
-OmegaConf.register_new_resolver("rank_zero_dir", _rank_zero_dir, replace=True, use_cache=True)
-
-
 def setup_accelerator(trainer: DictConfig, logger: str | None = None) -> Accelerator:
     """The Accelerator of a run: precision and device from `trainer`, the tracker named `logger` (or none)."""
     try:
@@ -121,12 +136,56 @@ def setup_accelerator(trainer: DictConfig, logger: str | None = None) -> Acceler
     return accelerator
 
 
-def setup_output_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
-    """`cfg.output_dir` when set, else Hydra's run folder of the main process, known to every process."""
-    path = [cfg.output_dir or (HydraConfig.get().runtime.output_dir if accelerator.is_main_process else None)]
+def _claim(candidate: Path, suffix: bool) -> Path:
+    """Creates `candidate` and claims it by creating its config.yaml exclusively; when another run holds it,
+    tries `<name>-1`, `<name>-2`, ... (`suffix`) or refuses."""
+    for n in itertools.count():
+        path = candidate if n == 0 else candidate.with_name(f"{candidate.name}-{n}")
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return path
+        except FileExistsError:
+            if not suffix:
+                raise ConfigError(
+                    f"output_dir={candidate} already holds a run ({CLAIM}): continue it with "
+                    f"trainer.resume={candidate} or choose another folder"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def claim_run_dir(cfg: DictConfig, parent: Path) -> Path:
+    """A folder no other run writes to: `cfg.output_dir` when set (refused when it holds a run), Hydra's job folder
+    in a multirun, else `<parent>/<date_time>`; a folder taken by another run started in the same second gets a
+    `-1`, `-2`, ... suffix."""
+    if cfg.output_dir:
+        return _claim(Path(cfg.output_dir), suffix=False)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _claim(Path(HydraConfig.get().runtime.output_dir), suffix=True)
+    return _claim(parent / time.strftime("%Y-%m-%d_%H-%M-%S"), suffix=True)
+
+
+def create_run_dir(cfg: DictConfig, accelerator: Accelerator, parent: Path) -> Path:
+    """`claim_run_dir` on the main process only, the folder (or its refusal) told to every process."""
+    found: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found[0] = claim_run_dir(cfg, parent)
+        except (ConfigError, OSError) as err:
+            found[1] = f"{err}"
     if accelerator.num_processes > 1:
-        broadcast_object_list(path)
-    return Path(path[0])
+        broadcast_object_list(found)
+    if found[1]:
+        raise ConfigError(found[1])
+    return Path(found[0])
+
+
+def log_to_file(accelerator: Accelerator, path: Path) -> None:
+    """Copies the console log of the main process to `path` (the run folder's log)."""
+    if accelerator.is_main_process:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
 
 
 def save_config(cfg: DictConfig, run_dir: Path, name: str, accelerator: Accelerator) -> None:

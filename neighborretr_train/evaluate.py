@@ -10,25 +10,29 @@ moved `data.root` also moves every path derived from it); `data.*` keys given he
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
+from neighborretr.checkpoint import CheckpointError, load_weights_into
 from neighborretr.eval.pipeline import write_report
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
-    check_methods,
     check_model_data,
+    create_run_dir,
     hydra_entry,
     log,
+    save_config,
     setup_accelerator,
-    setup_output_dir,
     setup_records,
 )
+from neighborretr_train.schema import check_config
 
 
 def locate(ckpt: Path) -> tuple[Path, Path]:
@@ -46,12 +50,30 @@ def locate(ckpt: Path) -> tuple[Path, Path]:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors, read without unpickling objects (a file that holds any is refused)."""
     if not path.is_file():
         raise FileNotFoundError(f"no weights at {path}")
-    if path.suffix == ".safetensors":  # a training checkpoint: the TrainStep's weights, "model." prefixed
-        weights = load_file(str(path))
-        return {k.removeprefix("model."): v for k, v in weights.items()}
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":  # a training checkpoint: the TrainStep's weights, "model." prefixed
+            weights = load_file(str(path))
+            return {k.removeprefix("model."): v for k, v in weights.items()}
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # not a torch.save archive at all
+            raise CheckpointError(
+                f"{path} is not a weights file; pass a run folder, its best/model.pt or a checkpoints/step_* folder"
+            ) from err
+        raise CheckpointError(
+            f"{path} holds objects other than tensors; refusing to load it (it could run code)"
+        ) from err
+    except Exception as err:  # noqa: BLE001  (any reader error means: not a weights file)
+        raise CheckpointError(
+            f"{path} is not a weights file ({type(err).__name__}); pass a run folder, its best/model.pt or a "
+            "checkpoints/step_* folder"
+        ) from err
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors; pass a model.pt written by training")
+    return weights
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
@@ -78,10 +100,10 @@ def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Scores `cfg.split` raw and with every configured normalisation; returns the rows."""
+    check_config(cfg, "eval")
     run_dir, weights = locate(Path(cfg.ckpt))
     run_cfg = run_config(cfg, run_dir)
     accelerator = setup_accelerator(run_cfg.trainer)
-    out_dir = setup_output_dir(cfg, accelerator)
     data = build(run_cfg, "data")
     methods = list(cfg.eval.normalizations)
     splits = [cfg.split]
@@ -89,19 +111,18 @@ def evaluate(cfg: DictConfig) -> dict:
         splits = list(dict.fromkeys([cfg.split, "val", "train"]))
         if cfg.split == "val":
             log.warning("split=val: the normalisations' β/τ are chosen and reported on the same split")
-    if cfg.split not in ("val", "test"):
-        raise ConfigError(f"split={cfg.split}: choose test or val")
-    check_methods(cfg.eval)
     records = setup_records(data, splits, accelerator)
     model = build(run_cfg, "model")
     check_model_data(model, data)
-    model.load_state_dict(load_weights(weights))
+    load_weights_into(model, load_weights(weights), weights)
     model = accelerator.prepare_model(model, evaluation_mode=True)
     evaluator = Evaluator(accelerator, data, cfg.eval, records)
+    out_dir = create_run_dir(cfg, accelerator, Path(cfg.output_root) / "eval")
+    save_config(cfg, out_dir, "config", accelerator)
     report = evaluator(model, cfg.split, methods, weights=weights)
     write_report(accelerator, report, out_dir, cfg.split, cfg.eval.k)
     if accelerator.is_main_process:
-        print(f"{cfg.split}: {len(records[cfg.split])} captions, weights {weights}")
+        print(f"{cfg.split}: {len(records[cfg.split])} captions, weights {weights}; written to {out_dir}")
     return report["rows"]
 
 

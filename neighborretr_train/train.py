@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from neighborretr.checkpoint import checkpoint_dirs, is_complete, load_checkpoint, step_of
 from neighborretr.data.module import VideoTextData
-from neighborretr.engine import FitConfig, TrainState, checkpoint_dirs, fit, write_json
+from neighborretr.engine import FitConfig, TrainState, fit, write_json
 from neighborretr.eval.pipeline import write_report
 from neighborretr.metrics_log import MetricsLog
 from neighborretr.train_step import TrainStep
@@ -22,51 +23,105 @@ from neighborretr_train.common import (
     ConfigError,
     Evaluator,
     build,
-    check_methods,
     check_model_data,
+    create_run_dir,
     hydra_entry,
     log,
+    log_to_file,
     save_config,
     setup_accelerator,
-    setup_output_dir,
     setup_records,
     setup_tracker,
 )
+from neighborretr_train.schema import check_config
+
+# Settings that may differ when a run is resumed (documented in the README); any other difference is refused.
+RESUME_MAY_CHANGE = (
+    "run_name",
+    "output_root",
+    "output_dir",
+    "logger.",
+    "eval.",
+    "trainer.epochs",
+    "trainer.resume",
+    "trainer.log_every",
+    "trainer.checkpoint_every_steps",
+    "trainer.checkpoint_every_minutes",
+    "trainer.keep_checkpoints",
+    "trainer.max_steps",
+    "trainer.abort_after_steps",
+    "trainer.nonfinite",
+    "trainer.max_nonfinite_skips",
+    "trainer.cpu",
+    "data.root",
+    "data.video_dir",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.check_videos",
+    "data.skip_bad_videos",
+)
 
 
-def find_resume(loop: FitConfig, runs: Path, run_dir: Path) -> Path | None:
-    """trainer.resume: null, "latest" (newest checkpoint of any run under `runs`), a run folder (its newest
-    checkpoint) or a checkpoints/step_* folder."""
-    resume = loop.resume
+def find_resume(resume: str | None, cfg: DictConfig) -> Path | None:
+    """The checkpoint folder `trainer.resume` names: null (none), "latest" (the highest complete step among the runs
+    of `run_name`, multirun jobs included; ties go to the later run folder), a run folder (its highest step) or a
+    checkpoints/step_* folder. Incomplete folders are skipped with a warning."""
     if resume is None:
         return None
     if resume == "latest":
-        found = [c for d in runs.glob("*") if d != run_dir for c in checkpoint_dirs(d)]
+        root = Path(cfg.output_root)
+        runs = [*(root / cfg.run_name).glob("*"), *(root / "multirun" / cfg.run_name).glob("*/*")]
+        found = [c for run in sorted(runs) for c in checkpoint_dirs(run, warn=True)]
         if not found:
-            log.warning("trainer.resume=latest: no checkpoint under %s, starting from scratch", runs)
+            log.warning(
+                "trainer.resume=latest: no checkpoint of run_name=%s under %s, starting afresh", cfg.run_name, root
+            )
             return None
-        return max(found, key=lambda c: c.stat().st_mtime)
+        return max(found, key=lambda c: (step_of(c), str(c.parent.parent)))
     path = Path(resume)
-    if path.is_dir() and path.parent.name != "checkpoints":
-        found = checkpoint_dirs(path)
-        if not found:
-            raise FileNotFoundError(f"trainer.resume={resume}: no checkpoints/step_* folder in this run folder")
-        return found[-1]
+    if path.name.startswith("step_"):
+        if not is_complete(path):
+            raise FileNotFoundError(f"trainer.resume={resume}: not a complete checkpoint folder")
+        return path
     if not path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={resume}: no such checkpoint folder")
-    return path
+        raise FileNotFoundError(f"trainer.resume={resume}: no such run or checkpoint folder")
+    found = checkpoint_dirs(path, warn=True)
+    if not found:
+        raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoints/step_* folder in this run folder")
+    return found[-1]
 
 
-def setup_run(cfg: DictConfig, accelerator: Accelerator) -> tuple[FitConfig, Path | None]:
-    """The loop settings with their run folder, and the checkpoint to resume from (its run folder is reused)."""
-    run_dir = setup_output_dir(cfg, accelerator)
-    loop = build(cfg, "trainer", run_dir=run_dir)
-    resume_from = find_resume(loop, Path(cfg.output_root) / cfg.run_name, run_dir)
-    if resume_from is not None:
-        loop.run_dir = resume_from.parent.parent  # continue in the original run folder
-        accelerator.print(f"resuming from {resume_from}")
-    save_config(cfg, loop.run_dir, "config" if resume_from is None else "config.resumed", accelerator)
-    return loop, resume_from
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuses to resume with settings that change shapes, the objective, the data or the batch: one line listing
+    what differs from the run's config.yaml (RESUME_MAY_CHANGE lists what may)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run folder of neighborretr-train")
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    differ = [
+        f"{k} {saved.get(k, '(absent)')} -> {now.get(k, '(absent)')}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+    ]
+    if differ:
+        raise ConfigError(
+            f"cannot resume {run_dir} with other settings: {'; '.join(differ)}. Resume with the run's settings "
+            f"(its config.yaml) or start a new run; only {', '.join(RESUME_MAY_CHANGE)} may change"
+        )
+    if saved.get("trainer.epochs") != now.get("trainer.epochs"):
+        log.warning(
+            "trainer.epochs %s -> %s: the learning-rate schedule is recomputed over the new length from the resumed "
+            "step on",
+            saved.get("trainer.epochs"),
+            now.get("trainer.epochs"),
+        )
 
 
 def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData, accelerator: Accelerator) -> TrainStep:
@@ -97,14 +152,26 @@ def setup_train_loader(data: VideoTextData, records: list, accelerator: Accelera
     return loader
 
 
-def setup_state(accelerator: Accelerator, objective, resume_from: Path | None) -> TrainState:
-    """The loop position; it and the objective (its memory bank) are saved in, and restored from, checkpoints."""
+def load_resumed(accelerator: Accelerator, path: Path | None, step, optimizer, scheduler) -> TrainState:
+    """The loop position restored, with every other part, from checkpoint `path` (a fresh state without one)."""
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(objective)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+    if path is not None:
+        load_checkpoint(accelerator, path, step, optimizer, scheduler, state)
+        accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
     return state
+
+
+def setup_run_dir(cfg: DictConfig, accelerator: Accelerator, resume_from: Path | None) -> Path:
+    """The run folder, written to only now that every check passed and the checkpoint loaded: the resumed run's
+    own (config.resumed.yaml beside its config.yaml) or a new one; the console log is copied to train.log there."""
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent
+        save_config(cfg, run_dir, "config.resumed", accelerator)
+    else:
+        run_dir = create_run_dir(cfg, accelerator, Path(cfg.output_root) / cfg.run_name)
+        save_config(cfg, run_dir, "config", accelerator)
+    log_to_file(accelerator, run_dir / "train.log")
+    return run_dir
 
 
 def score_selected_model(
@@ -132,14 +199,17 @@ def score_selected_model(
 
 def train(cfg: DictConfig) -> dict:
     """Trains, selects the epoch on the validation split, tests the selected model; returns the results."""
+    check_config(cfg, "train")
     accelerator = setup_accelerator(cfg.trainer, cfg.logger.name)
     set_seed(cfg.seed)
-    loop, resume_from = setup_run(cfg, accelerator)
+    loop = build(cfg, "trainer", run_dir=Path(cfg.output_dir or "."))  # the run folder is made last
+    resume_from = find_resume(loop.resume, cfg)
+    if resume_from is not None:
+        check_resume_config(cfg, resume_from.parent.parent)
     data = build(cfg, "data")
     step = setup_step(cfg, loop, data, accelerator)
     model, objective = step.model, step.objective
     optimizer = build(cfg, "optim")(model)
-    check_methods(cfg.eval)
     records = setup_records(data, ["train", "val", "test"], accelerator)  # the first step that opens files
     loader = setup_train_loader(data, records["train"], accelerator)
     step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
@@ -152,8 +222,9 @@ def train(cfg: DictConfig) -> dict:
         )
         refill = accelerator.prepare(refill)
     objective.to(accelerator.device)
-    state = setup_state(accelerator, objective, resume_from)
+    state = load_resumed(accelerator, resume_from, step, optimizer, scheduler)
     evaluator = Evaluator(accelerator, data, cfg.eval, records)
+    loop.run_dir = setup_run_dir(cfg, accelerator, resume_from)
     setup_tracker(accelerator, cfg, loop.run_dir, job_type="train")
     log_metrics = MetricsLog(accelerator, loop.run_dir / "metrics.jsonl")
     accelerator.print(
@@ -162,26 +233,27 @@ def train(cfg: DictConfig) -> dict:
         + f"; {accelerator.num_processes} process(es), {total_steps} optimiser steps"
     )
 
-    state = fit(
-        accelerator,
-        step,
-        optimizer,
-        scheduler,
-        loader,
-        lambda: evaluator(model, "val")["rows"]["none"],
-        state,
-        loop,
-        log_metrics,
-        refill,
-    )
-
-    results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
+    try:
+        state = fit(
+            accelerator,
+            step,
+            optimizer,
+            scheduler,
+            loader,
+            lambda: evaluator(model, "val")["rows"]["none"],
+            state,
+            loop,
+            log_metrics,
+            refill,
+        )
+        results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
+    finally:
+        accelerator.end_training()  # also when stopped or failed: the tracker's history is flushed and closed
     if accelerator.is_main_process:
         accelerator.print(
             f"test: {len(records['test'])} captions, model of epoch {state.best_epoch}; "
             f"results: {loop.run_dir / 'results.json'}"
         )
-    accelerator.end_training()
     return results
 
 

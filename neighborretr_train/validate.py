@@ -13,8 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from neighborretr.data.validation import (
     duplicate_problems,
@@ -23,7 +22,7 @@ from neighborretr.data.validation import (
     video_problems,
     write_problems,
 )
-from neighborretr_train.common import ConfigError, build, hydra_entry
+from neighborretr_train.common import ConfigError, build, claim_run_dir, hydra_entry
 
 log = logging.getLogger("neighborretr")
 SHOWN = 50  # problems printed on the console; the CSV has all of them
@@ -31,9 +30,9 @@ SHOWN = 50  # problems printed on the console; the CSV has all of them
 
 def validate(cfg: DictConfig) -> int:
     """Checks every split; prints the tables, writes problems.csv and summary.json; returns the error count."""
-    out = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = build(cfg, "data")
+    out = claim_run_dir(cfg, Path(cfg.output_root) / "validate" / data.benchmark)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     try:
         splits = {split: data.records(split) for split in cfg.splits}
     except ValueError as err:  # an unknown split name for this benchmark

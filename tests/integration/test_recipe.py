@@ -49,8 +49,8 @@ def train_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def bank_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The objective's state saved in a checkpoint (registered second, after the loop state)."""
-    return torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
+    """The objective's state saved in a checkpoint."""
+    return torch.load(checkpoint / "training_state.pt", weights_only=True)["objective"]
 
 
 @pytest.fixture(scope="module")
@@ -207,11 +207,23 @@ def test_evaluating_a_moved_dataset_follows_the_saved_unresolved_config(tiny_syn
         ("data.train_sampling=foo", "data.train_sampling='foo'"),
         ("eval.normalizations=[none,foo]", "eval.normalizations: unknown ['foo']"),
         ("trainer.mixed_precision=fp8", "trainer.mixed_precision=fp8"),
+        ("trainer.epochs=abc", "trainer.epochs='abc': expected an integer"),
+        ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+        ("+trainer.epoch=3", "trainer.epoch: unknown key; did you mean trainer.epochs?"),
+        ("+foo=1", "foo: unknown key"),
+        ("trainer.select_metric=t2v/R@2", "trainer.select_metric='t2v/R@2': choose one of rsum, t2v/R@1"),
+        ("trainer.nonfinite=maybe", "trainer.nonfinite='maybe': choose stop or skip"),
+        ("data.batch_size=1.5", "data.batch_size=1.5: expected an integer"),
+        ("eval.k=0", "eval.k=0 must be >= 1"),
+        ("+logger.mode=onlne", "logger.mode='onlne': choose online, offline or disabled"),
+        ("trainer.resume=/no/such/run", "trainer.resume=/no/such/run: no such run or checkpoint folder"),
     ],
 )
 def test_bad_settings_are_refused_before_any_file_is_read(override, message, tmp_path):
     """The data root does not exist: each refusal must come first, as a ConfigError naming the setting."""
     from neighborretr_train.common import ConfigError
 
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises((ConfigError, FileNotFoundError), match=re.escape(message)) as refused:
         run_train([*RUN, f"data.root={tmp_path / 'nowhere'}", override], tmp_path / "out")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists()  # no run folder for a run that never started

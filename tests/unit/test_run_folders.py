@@ -1,0 +1,72 @@
+"""Run folders are never shared; `trainer.resume=latest` is the highest complete step; the config schema."""
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from neighborretr.checkpoint import REQUIRED, checkpoint_dirs
+from neighborretr_train.common import ConfigError, claim_run_dir
+from neighborretr_train.train import find_resume
+
+
+def _cfg(**values):
+    return OmegaConf.create({"output_dir": None, "output_root": "outputs", "run_name": "r"} | values)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-01_10-00-00")
+    folders = [claim_run_dir(_cfg(), tmp_path) for _ in range(3)]
+    assert [f.name for f in folders] == ["2026-12-01_10-00-00", "2026-12-01_10-00-00-1", "2026-12-01_10-00-00-2"]
+    assert all((f / "config.yaml").is_file() for f in folders)
+
+
+def _claim_in_process(args) -> str:
+    root, start = args
+    while time.time() < start:  # all processes claim at the same moment
+        pass
+    return str(claim_run_dir(_cfg(), Path(root)))
+
+
+def test_concurrent_claims_from_separate_processes_never_share_a_folder(tmp_path):
+    start = time.time() + 1.0
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        folders = pool.map(_claim_in_process, [(str(tmp_path), start)] * 4)
+    assert len(set(folders)) == 4
+    assert sorted(os.listdir(tmp_path)) == sorted(Path(f).name for f in folders)
+
+
+def test_an_output_dir_that_holds_a_run_is_refused(tmp_path):
+    claim_run_dir(_cfg(output_dir=str(tmp_path / "mine")), tmp_path)
+    with pytest.raises(ConfigError, match="already holds a run.*trainer.resume="):
+        claim_run_dir(_cfg(output_dir=str(tmp_path / "mine")), tmp_path)
+
+
+def _checkpoint(run: Path, step: int, complete: bool = True) -> Path:
+    path = run / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    for name in REQUIRED if complete else REQUIRED[:1]:
+        (path / name).write_text("x")
+    return path
+
+
+def test_latest_is_the_highest_complete_step_not_the_newest_folder(tmp_path, caplog):
+    root = tmp_path / "outputs"
+    run = root / "r" / "2026-12-01_10-00-00"
+    high = _checkpoint(run, 12)
+    low = _checkpoint(run, 4)
+    _checkpoint(run, 16, complete=False)  # a save that was killed (an older version's layout)
+    (run / "checkpoints" / "step_00000020.tmp").mkdir()  # a save interrupted before its rename
+    os.utime(low, (time.time() + 100, time.time() + 100))  # as after `cp -r`: mtimes say nothing
+    cfg = _cfg(output_root=str(root))
+    assert find_resume("latest", cfg) == high
+    assert "step_00000016" in caplog.text and "step_00000020.tmp" in caplog.text
+    assert checkpoint_dirs(run) == [low, high]
+    sweep_job = root / "multirun" / "r" / "2026-12-01_11-00-00" / "0"
+    assert find_resume("latest", cfg) == high
+    in_sweep = _checkpoint(sweep_job, 14)
+    assert find_resume("latest", cfg) == in_sweep  # multirun jobs are searched too
+    assert find_resume(str(run), cfg) == high  # a run folder: its own highest step
