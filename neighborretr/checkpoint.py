@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -105,13 +106,11 @@ def save_checkpoint(
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"{PREFIX}{state.global_step:08d}"
     partial = final.with_name(final.name + PARTIAL)
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    _on_main(accelerator, lambda: _fresh_folder(partial))
     weights = accelerator.get_state_dict(step)  # every rank: sharded setups assemble the full dict here
     (partial / f"rng_{accelerator.process_index}.json").write_text(json.dumps(_rng_state(accelerator.device)))
-    if accelerator.is_main_process:
+
+    def write_and_publish():
         save_file({k: v.contiguous() for k, v in weights.items()}, str(partial / "model.safetensors"))
         objective = accelerator.unwrap_model(step).objective
         training = {
@@ -123,10 +122,9 @@ def save_checkpoint(
         torch.save(training, partial / "training_state.pt")
         loop = {"format": FORMAT, "num_processes": accelerator.num_processes, "state": state.state_dict()}
         (partial / "loop.json").write_text(json.dumps(loop, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         # The same step can be saved twice (a step-interval save, then the end of the epoch): replace it.
         old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
         os.replace(partial, final)
@@ -134,8 +132,30 @@ def save_checkpoint(
         if keep > 0:
             for stale in checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    _on_main(accelerator, write_and_publish)
     return final
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _on_main(accelerator: Accelerator, work) -> None:
+    """Runs `work` on the main process and then lets every process go on, or raise the same CheckpointError when
+    it failed (a full disk must not leave the other ranks waiting in a collective)."""
+    error = [None]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            work()
+        except OSError as err:
+            error[0] = f"saving a checkpoint failed: {err}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0]:
+        raise CheckpointError(error[0])
 
 
 def read_loop_state(path: Path) -> dict:

@@ -248,6 +248,10 @@ def _check_finite(accelerator: Accelerator, step: nn.Module, losses: dict, state
     norm = float(norm) if norm is not None else 0.0
     if not math.isfinite(norm) and accelerator.scaler is None:
         bad["gradient norm"] = norm
+    if accelerator.num_processes > 1:  # one collective more, so that no rank can decide otherwise
+        flag = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), "max")
+        if flag.item() and not bad:
+            bad["on another process: loss"] = math.nan
     if not bad:
         return True
     found = ", ".join(f"{k}={v}" for k, v in bad.items())
@@ -256,6 +260,8 @@ def _check_finite(accelerator: Accelerator, step: nn.Module, losses: dict, state
         log.warning(
             "step %d: non-finite %s; update skipped (%d so far)", state.global_step + 1, found, state.nonfinite_skipped
         )
+        if accelerator.scaler is not None:  # the unscale in clip_grad_norm_ must be closed by an update
+            accelerator.scaler.update()
         return False
     saved = checkpoint_dirs(cfg.run_dir)
     last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
@@ -265,8 +271,8 @@ def _check_finite(accelerator: Accelerator, step: nn.Module, losses: dict, state
         else ""
     )
     raise NonFiniteError(
-        f"step {state.global_step + 1}: non-finite {found}{limit}; stopped before the update, {last}. Lower "
-        "optim.lr or trainer.max_grad_norm, try trainer.mixed_precision=no, or set trainer.nonfinite=skip"
+        f"step {state.global_step + 1}: non-finite {found}{limit}; stopped before the update, {last}. Resume it with "
+        "a lower trainer.max_grad_norm or trainer.nonfinite=skip, or start a new run with a lower optim.lr"
     )
 
 
@@ -313,6 +319,11 @@ def fit(
             finished = train_one_epoch(
                 accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader, stop
             )
+            if stop.poll()[0]:  # a signal during the last step: save the trained epoch, validate after the resume
+                raise Preempted(
+                    stop.signame,
+                    save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints),
+                )
             metrics = validate()
             # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
             score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]

@@ -32,13 +32,13 @@ class StopRequest:
         self.interval = 60.0 * checkpoint_every_minutes
         self.last_save = time.monotonic()
         self.signame: str | None = None
+        self._announced = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signame == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
-        self.signame = signal.Signals(signum).name
-        self.accelerator.print(f"\n{self.signame}: finishing this step, then saving a checkpoint and stopping")
+        self.signame = signal.Signals(signum).name  # only a flag: printing here could re-enter a busy stdout
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -48,7 +48,7 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
         self._previous.clear()
 
     def saved(self) -> None:
@@ -62,4 +62,7 @@ class StopRequest:
             flags = self.accelerator.reduce(flags.to(self.accelerator.device), "max").cpu()
         if flags[0] and self.signame is None:
             self.signame = "a signal on another process"
+        if flags[0] and not self._announced:
+            self._announced = True
+            self.accelerator.print(f"\n{self.signame}: saving a checkpoint and stopping")
         return bool(flags[0]), bool(flags[1])

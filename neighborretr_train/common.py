@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -180,12 +181,50 @@ def create_run_dir(cfg: DictConfig, accelerator: Accelerator, parent: Path) -> P
     return Path(found[0])
 
 
+class RunLock:
+    """An exclusive lock on `<run folder>/.lock`, held by the main process while it trains the run, so that a
+    second live process (a straggler beside a requeued job) cannot continue the same run. A context manager:
+    the lock goes when the recipe returns or fails; the operating system drops it when the process dies."""
+
+    def __init__(self):
+        self.handle = None
+
+    def acquire(self, accelerator: Accelerator, run_dir: Path) -> None:
+        error = [None]
+        if accelerator.is_main_process:
+            handle = open(run_dir / ".lock", "a")  # noqa: SIM115  (held open for the run's lifetime)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.handle = handle
+            except OSError:
+                handle.close()
+                error[0] = f"{run_dir} is being trained by another live process (it holds {run_dir / '.lock'})"
+        if accelerator.num_processes > 1:
+            broadcast_object_list(error)
+        if error[0]:
+            raise ConfigError(error[0])
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
 def log_to_file(accelerator: Accelerator, path: Path) -> None:
-    """Copies the console log of the main process to `path` (the run folder's log)."""
+    """Copies the console log of the main process to `path` (the run folder's log), replacing the file of an
+    earlier run of this process (the jobs of a multirun, in-process calls)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "neighborretr_run_log", False)]:
+        root.removeHandler(handler)
+        handler.close()
     if accelerator.is_main_process:
         handler = logging.FileHandler(path)
+        handler.neighborretr_run_log = True
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        logging.getLogger().addHandler(handler)
+        root.addHandler(handler)
 
 
 def save_config(cfg: DictConfig, run_dir: Path, name: str, accelerator: Accelerator) -> None:

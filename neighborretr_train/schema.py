@@ -95,6 +95,15 @@ TOP_LEVEL = {
         "output_root": str,
         "output_dir": str | None,
     },
+    "validate": {
+        "data": "target",
+        "splits": list[str],
+        "workers": int | None,
+        "max_frames": int | None,
+        "output_root": str,
+        "output_dir": str | None,
+        "seed": int,
+    },
     "eval": {
         "ckpt": str,
         "split": typing.Literal["test", "val"],
@@ -161,7 +170,17 @@ def _check_keys(where: str, node: Mapping, hints: dict, open_ended: bool = False
         if isinstance(value, str) and value == "???":
             raise SchemaError(f"{where}.{key} must be set")
         if not _type_ok(value, hints[key]):
-            raise SchemaError(f"{where}.{key}={value!r}: expected {_describe(hints[key])}")
+            raise SchemaError(
+                f"{where}.{key}={value!r}: expected {_describe(hints[key])}{_quote_hint(where, key, value, hints[key])}"
+            )
+
+
+def _quote_hint(where: str, key: str, value, hint) -> str:
+    """Hydra reads `run_name=123` as a number; say how to pass it as a string."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and _type_ok(str(value), hint):
+        name = f"{where}.{key}" if where else key
+        return f" (to pass a number as a string, quote it: '{name}=\"{value}\"')"
+    return ""
 
 
 def _target_hints(target: str) -> tuple[dict, bool]:
@@ -216,6 +235,8 @@ def check_config(cfg: DictConfig, recipe: str) -> None:
     nodes = {k: v for k, v in top.items() if v == "target" or isinstance(v, tuple) or dataclasses.is_dataclass(v)}
     for key, schema in top.items():  # plain values first: the nodes interpolate them (data.seed: ${seed})
         if key not in nodes and not _type_ok(copy[key], schema):
-            raise SchemaError(f"{key}={copy[key]!r}: expected {_describe(schema)}")
+            raise SchemaError(
+                f"{key}={copy[key]!r}: expected {_describe(schema)}{_quote_hint('', key, copy[key], schema)}"
+            )
     for key, schema in nodes.items():
         check_node(key, copy[key], schema)

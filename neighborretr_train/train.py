@@ -6,11 +6,15 @@ accelerate launch -m neighborretr_train.train experiment=msrvtt_vitb32 data.root
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from neighborretr.checkpoint import checkpoint_dirs, is_complete, load_checkpoint, step_of
@@ -22,6 +26,7 @@ from neighborretr.train_step import TrainStep
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
+    RunLock,
     build,
     check_model_data,
     create_run_dir,
@@ -53,6 +58,9 @@ RESUME_MAY_CHANGE = (
     "trainer.nonfinite",
     "trainer.max_nonfinite_skips",
     "trainer.cpu",
+    "trainer.max_grad_norm",
+    "trainer.grad_accum",  # accumulation gives the gradients of the whole batch (GradCache), only memory changes
+    "model.pretrained",  # the checkpoint's weights replace the backbone's
     "data.root",
     "data.video_dir",
     "data.num_workers",
@@ -69,6 +77,11 @@ def find_resume(resume: str | None, cfg: DictConfig) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ConfigError(
+                "trainer.resume=latest in a multirun would make every job continue the same run: resume each job "
+                "with trainer.resume=<its folder>"
+            )
         root = Path(cfg.output_root)
         runs = [*(root / cfg.run_name).glob("*"), *(root / "multirun" / cfg.run_name).glob("*/*")]
         found = [c for run in sorted(runs) for c in checkpoint_dirs(run, warn=True)]
@@ -77,7 +90,7 @@ def find_resume(resume: str | None, cfg: DictConfig) -> Path | None:
                 "trainer.resume=latest: no checkpoint of run_name=%s under %s, starting afresh", cfg.run_name, root
             )
             return None
-        return max(found, key=lambda c: (step_of(c), str(c.parent.parent)))
+        return max(found, key=lambda c: (step_of(c), _natural(c.parent.parent.name)))
     path = Path(resume)
     if path.name.startswith("step_"):
         if not is_complete(path):
@@ -89,6 +102,11 @@ def find_resume(resume: str | None, cfg: DictConfig) -> Path | None:
     if not found:
         raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoints/step_* folder in this run folder")
     return found[-1]
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders `..._00-00-9` before `..._00-00-10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -153,11 +171,23 @@ def setup_train_loader(data: VideoTextData, records: list, accelerator: Accelera
 
 
 def load_resumed(accelerator: Accelerator, path: Path | None, step, optimizer, scheduler) -> TrainState:
-    """The loop position restored, with every other part, from checkpoint `path` (a fresh state without one)."""
+    """The loop position restored, with every other part, from checkpoint `path` (a fresh state without one).
+
+    Checkpoints of later steps in the same run belong to the continuation this resume abandons: they are moved
+    to `checkpoints_abandoned/`, so that pruning and `latest` only ever see this trajectory."""
     state = TrainState()
-    if path is not None:
-        load_checkpoint(accelerator, path, step, optimizer, scheduler, state)
-        accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
+    if path is None:
+        return state
+    load_checkpoint(accelerator, path, step, optimizer, scheduler, state)
+    later = [c for c in checkpoint_dirs(path.parent.parent) if step_of(c) > step_of(path)]
+    if later and accelerator.is_main_process:
+        shelf = path.parent.parent / "checkpoints_abandoned"
+        shelf.mkdir(exist_ok=True)
+        for c in later:
+            c.rename(shelf / f"{c.name}_{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("resuming from %s: moved the later %s to %s", path.name, ", ".join(c.name for c in later), shelf)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
     return state
 
 
@@ -199,6 +229,11 @@ def score_selected_model(
 
 def train(cfg: DictConfig) -> dict:
     """Trains, selects the epoch on the validation split, tests the selected model; returns the results."""
+    with RunLock() as lock:
+        return _train(cfg, lock)
+
+
+def _train(cfg: DictConfig, lock: RunLock) -> dict:
     check_config(cfg, "train")
     accelerator = setup_accelerator(cfg.trainer, cfg.logger.name)
     set_seed(cfg.seed)
@@ -206,15 +241,18 @@ def train(cfg: DictConfig) -> dict:
     resume_from = find_resume(loop.resume, cfg)
     if resume_from is not None:
         check_resume_config(cfg, resume_from.parent.parent)
+        lock.acquire(accelerator, resume_from.parent.parent)
     data = build(cfg, "data")
     step = setup_step(cfg, loop, data, accelerator)
     model, objective = step.model, step.objective
     optimizer = build(cfg, "optim")(model)
+    schedule = build(cfg, "scheduler")
+    schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=1)  # checks its settings
     records = setup_records(data, ["train", "val", "test"], accelerator)  # the first step that opens files
     loader = setup_train_loader(data, records["train"], accelerator)
     step, optimizer, loader = accelerator.prepare(step, optimizer, loader)
     total_steps = loop.epochs * len(loader)
-    scheduler = accelerator.prepare(build(cfg, "scheduler")(optimizer, total_steps=total_steps))
+    scheduler = accelerator.prepare(schedule(optimizer, total_steps=total_steps))
     refill = None
     if objective.refill_batches:  # the memory bank's refill batches, drawn from the training set
         refill = data.refill_loader(
@@ -225,6 +263,8 @@ def train(cfg: DictConfig) -> dict:
     state = load_resumed(accelerator, resume_from, step, optimizer, scheduler)
     evaluator = Evaluator(accelerator, data, cfg.eval, records)
     loop.run_dir = setup_run_dir(cfg, accelerator, resume_from)
+    if resume_from is None:
+        lock.acquire(accelerator, loop.run_dir)
     setup_tracker(accelerator, cfg, loop.run_dir, job_type="train")
     log_metrics = MetricsLog(accelerator, loop.run_dir / "metrics.jsonl")
     accelerator.print(

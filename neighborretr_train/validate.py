@@ -23,6 +23,7 @@ from neighborretr.data.validation import (
     write_problems,
 )
 from neighborretr_train.common import ConfigError, build, claim_run_dir, hydra_entry
+from neighborretr_train.schema import check_config
 
 log = logging.getLogger("neighborretr")
 SHOWN = 50  # problems printed on the console; the CSV has all of them
@@ -30,6 +31,7 @@ SHOWN = 50  # problems printed on the console; the CSV has all of them
 
 def validate(cfg: DictConfig) -> int:
     """Checks every split; prints the tables, writes problems.csv and summary.json; returns the error count."""
+    check_config(cfg, "validate")
     data = build(cfg, "data")
     out = claim_run_dir(cfg, Path(cfg.output_root) / "validate" / data.benchmark)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)

@@ -101,12 +101,18 @@ class VideoTextData:
             raise ValueError(f"data.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
         if min(batch_size, eval_batch_size, max_words, max_frames) < 1:
             raise ValueError("data.batch_size, eval_batch_size, max_words and max_frames must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (0 loads in the main process)")
         self.benchmark, self.root, self.video_dir = benchmark, str(root), str(video_dir)
         self.max_words, self.max_frames, self.image_size = max_words, max_frames, image_size
         self.backend, self.batch_size, self.eval_batch_size = backend, batch_size, eval_batch_size
         self.num_workers, self.check_videos, self.skip_bad_videos = num_workers, check_videos, skip_bad_videos
         self.video_framerate, self.train_sampling, self.eval_sampling = video_framerate, train_sampling, eval_sampling
         self.rand_augment, self.seed = rand_augment, seed
+        try:
+            _ = self._augment  # a bad RandAugment string is refused now, not when the first worker starts
+        except (ValueError, KeyError, AssertionError) as err:
+            raise ValueError(f"data.rand_augment={rand_augment!r}: {err}") from err
 
     def records(self, split: str) -> list[Record]:
         """The annotation records of a split ("train", "val" or "test")."""

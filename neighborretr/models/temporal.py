@@ -19,6 +19,8 @@ class TemporalTransformer(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, max_frames: int = 77, quick_gelu: bool = True):
         super().__init__()
+        if layers < 1 or max_frames < 1:
+            raise ValueError(f"model.temporal_layers={layers} and model.max_frames={max_frames} must be >= 1")
         self.heads = heads
         self.frame_position_embeddings = nn.Embedding(max_frames, width)
         self.transformer = Transformer(

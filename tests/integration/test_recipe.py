@@ -217,6 +217,11 @@ def test_evaluating_a_moved_dataset_follows_the_saved_unresolved_config(tiny_syn
         ("eval.k=0", "eval.k=0 must be >= 1"),
         ("+logger.mode=onlne", "logger.mode='onlne': choose online, offline or disabled"),
         ("trainer.resume=/no/such/run", "trainer.resume=/no/such/run: no such run or checkpoint folder"),
+        ("scheduler.warmup=2", "scheduler: warmup"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("data.rand_augment=foo", "data.rand_augment='foo'"),
+        ("model.temporal_layers=0", "model.temporal_layers=0"),
+        ("run_name=123", "run_name=123: expected a string (to pass a number as a string, quote it"),
     ],
 )
 def test_bad_settings_are_refused_before_any_file_is_read(override, message, tmp_path):

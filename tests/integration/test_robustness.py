@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import neighborretr.checkpoint
 import neighborretr.engine
-from neighborretr.checkpoint import CheckpointError
+from neighborretr.checkpoint import CheckpointError, checkpoint_dirs
 from neighborretr.engine import NonFiniteError
 from neighborretr.metrics_log import read_metrics
 from neighborretr.preemption import PREEMPTED_EXIT, Preempted
@@ -257,3 +257,44 @@ def stopped_at(stderr: str) -> Path:
 
 def _rows(path: Path) -> list[dict]:
     return read_metrics(path) if path.is_file() else []
+
+
+def test_timed_checkpoints_are_saved_when_their_interval_has_passed(data_root, tmp_path):
+    out = tmp_path / "run"
+    timed = ["trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_minutes=1e-6", "trainer.max_steps=3"]
+    run_train([*RUN, f"data.root={data_root}", *timed], out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{s:08d}" for s in (1, 2, 3)]
+
+
+def test_stop_request_records_signals_restores_handlers_and_a_second_ctrl_c_interrupts():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from neighborretr.preemption import StopRequest
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopRequest(Accelerator(cpu=True), checkpoint_every_minutes=60) as stop:
+            assert stop.poll() == (False, False)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.poll() == (True, False) and stop.signame == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside_and_still_ends_as_the_uninterrupted_run(
+    baseline, data_root, tmp_path
+):
+    base_dir, base_results = baseline
+    run = tmp_path / "run"
+    shutil.copytree(base_dir, run)
+    older = run / "checkpoints" / "step_00000006"
+    results = run_train([*RUN, f"data.root={data_root}", f"trainer.resume={older}"], tmp_path / "unused")
+    shelved = sorted(p.name.split("_2")[0] for p in (run / "checkpoints_abandoned").iterdir())
+    assert shelved == ["step_00000007", "step_00000008", "step_00000010", "step_00000012", "step_00000014"]
+    assert [p.name for p in checkpoint_dirs(run)][-1] == "step_00000014"  # re-made by this resume
+    assert results["test"] == base_results["test"]

@@ -183,6 +183,10 @@ def test_malformed_annotation_and_unknown_key_fail_clearly(damaged, tmp_path):
     typo = run_script("train.py", typo_args, cwd=tmp_path, check=False)
     assert typo.returncode != 0 and "trainer.epoch" in typo.stderr
     assert not (tmp_path / "typo").exists()  # refused before any work
+    added = run_script("train.py", [*typo_args[:-1], "+trainer.epoch=3"], cwd=tmp_path, check=False)
+    assert added.returncode == 1
+    assert added.stderr == "error: trainer.epoch: unknown key; did you mean trainer.epochs?\n"
+    assert not (tmp_path / "typo").exists()  # not even an empty folder
 
 
 def test_grad_accumulation_and_bf16_autocast_run(tiny_synthetic, tmp_path):

@@ -70,3 +70,47 @@ def test_latest_is_the_highest_complete_step_not_the_newest_folder(tmp_path, cap
     in_sweep = _checkpoint(sweep_job, 14)
     assert find_resume("latest", cfg) == in_sweep  # multirun jobs are searched too
     assert find_resume(str(run), cfg) == high  # a run folder: its own highest step
+
+
+def test_a_run_being_trained_cannot_be_locked_by_a_second_trainer(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from neighborretr_train.common import RunLock
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        with RunLock() as first:
+            first.acquire(accelerator, tmp_path)
+            with pytest.raises(ConfigError, match="being trained by another live process"):
+                RunLock().acquire(accelerator, tmp_path)
+        with RunLock() as again:  # released when the first trainer ended
+            again.acquire(accelerator, tmp_path)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        ("validate", ["+foo=1"], "foo: unknown key"),
+        ("validate", ["workers=x"], "workers='x': expected an integer or null"),
+        ("eval", ["ckpt=x", "+data.fo=1"], "data.fo: unknown key"),
+        ("eval", ["ckpt=x", "split=train"], "split='train'"),
+        ("eval", ["ckpt=x", "data.num_workers=x"], "data.num_workers='x'"),
+        ("train", ["data.root=2024"], "data.root=2024: expected a string (to pass a number as a string"),
+        ("train", ["+model.widht=3"], "model.widht: unknown key; did you mean model.width?"),
+    ],
+)
+def test_each_recipe_config_is_checked_against_its_schema(recipe, overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from neighborretr_train import config_dir
+    from neighborretr_train.schema import SchemaError, check_config
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(recipe, overrides)
+    with pytest.raises(SchemaError) as refused:
+        check_config(cfg, recipe)
+    assert str(refused.value).startswith(message)
