@@ -39,6 +39,11 @@ def locate(ckpt: Path) -> tuple[Path, Path]:
     """(run folder, weights file) for any of the accepted `ckpt` forms."""
     if ckpt.is_file():
         run_dir = ckpt.parent.parent if ckpt.parent.name in ("best", "checkpoints") else ckpt.parent
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"ckpt={ckpt}: no run folder around it ({run_dir} has no config.yaml, which says what model it is); "
+                "pass a run folder, its best/model.pt or a checkpoints/step_* folder"
+            )
         return run_dir, ckpt
     if (ckpt / "config.yaml").is_file():
         return ckpt, ckpt / "best" / "model.pt"
