@@ -85,37 +85,19 @@ DATA_OVERRIDES = ("overrides", "neighborretr.data.module.VideoTextData")
 
 # The top-level keys of each recipe's config and their types; a node's schema is "target" (its `_target_`), a
 # dataclass, or DATA_OVERRIDES.
+# Keys every recipe has: where its outputs go and the seed.
+_COMMON = {"output_root": str, "output_dir": str | None, "seed": int}
+_RUN = {"eval": EvalSettings, "logger": LoggerSettings, "run_name": str, **_COMMON}
 TOP_LEVEL = {
-    "train": {
-        **dict.fromkeys(("data", "model", "loss", "optim", "scheduler", "trainer"), "target"),
-        "eval": EvalSettings,
-        "logger": LoggerSettings,
-        "run_name": str,
-        "seed": int,
-        "output_root": str,
-        "output_dir": str | None,
-    },
-    "validate": {
-        "data": "target",
-        "splits": list[str],
-        "workers": int | None,
-        "max_frames": int | None,
-        "output_root": str,
-        "output_dir": str | None,
-        "seed": int,
-    },
+    "train": {**dict.fromkeys(("data", "model", "loss", "optim", "scheduler", "trainer"), "target"), **_RUN},
     "eval": {
         "ckpt": str,
         "split": typing.Literal["test", "val"],
         "data": DATA_OVERRIDES,
         "trainer": EvalTrainer,
-        "eval": EvalSettings,
-        "logger": LoggerSettings,
-        "run_name": str,
-        "seed": int,
-        "output_root": str,
-        "output_dir": str | None,
+        **_RUN,
     },
+    "validate": {"data": "target", "splits": list[str], "workers": int | None, "max_frames": int | None, **_COMMON},
 }
 
 
