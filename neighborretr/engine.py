@@ -314,17 +314,22 @@ def fit(
             f"{type(objective).__name__} refills its memory bank from {objective.refill_batches} training batches "
             "every epoch: pass refill_loader"
         )
+
+    def save() -> Path:
+        return save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints)
+
     with StopRequest(accelerator, cfg.checkpoint_every_minutes) as stop:
         while state.epoch < cfg.epochs:
-            finished = train_one_epoch(
-                accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader, stop
+            finished = _stop_on_lost_workers(
+                stop,
+                save,
+                lambda: train_one_epoch(
+                    accelerator, step, optimizer, scheduler, train_loader, state, cfg, log_metrics, refill_loader, stop
+                ),
             )
             if stop.poll()[0]:  # a signal during the last step: save the trained epoch, validate after the resume
-                raise Preempted(
-                    stop.signame,
-                    save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints),
-                )
-            metrics = validate()
+                raise Preempted(stop.signame, save())
+            metrics = _stop_on_lost_workers(stop, save, validate)
             # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
             score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
             flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
@@ -342,13 +347,25 @@ def fit(
             if finished:
                 state.epoch += 1
                 state.batches_in_epoch = 0
-            saved = save_checkpoint(accelerator, step, optimizer, scheduler, state, cfg.run_dir, cfg.keep_checkpoints)
+            saved = save()
             stop.saved()
             if stop.poll()[0]:  # a signal during validation
                 raise Preempted(stop.signame, saved)
             if not finished:
                 break
     return state
+
+
+def _stop_on_lost_workers(stop: StopRequest, save: Callable[[], Path], work: Callable):
+    """`work()`, except that loader workers killed by the stop signal (sent to the whole process group, as a
+    scheduler does) end the run as a stop: the loop state counts only the batches already used, so the checkpoint
+    saved here resumes exactly."""
+    try:
+        return work()
+    except RuntimeError as err:
+        if stop.signame is None or "DataLoader worker" not in str(err):
+            raise
+        raise Preempted(stop.signame, save()) from err
 
 
 def write_json(path: Path, payload: dict) -> None:

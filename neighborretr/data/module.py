@@ -21,10 +21,10 @@ Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGINT / SIGTERM (a Ctrl-C or a scheduler signals the whole process group): the main
-    process finishes its step and saves; the workers end with it."""
+    """Loader workers ignore SIGINT: a Ctrl-C reaches the whole foreground process group, and the main process
+    finishes its step and saves. SIGTERM keeps its default (multiprocessing ends workers with it at exit); the loop
+    takes a worker killed by a stop signal as that stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def first_per_video(records: list[Record]) -> list[Record]:

@@ -182,3 +182,25 @@ def test_worker_batches_count_every_substitute_once_per_epoch(bad_root):
         assert flagged.tolist() == [4, 4]
     refill = data.refill_loader(loader.dataset, batches=3, num_processes=1)
     assert sum(int(b["skipped"].sum()) for b in refill) == 2  # the same dataset, so the same key
+
+
+def test_loader_workers_ignore_ctrl_c_but_end_on_sigterm():
+    """SIGINT (a Ctrl-C to the process group) must not kill a worker; SIGTERM must, or multiprocessing's exit
+    handler, which terminates leftover workers with it, would wait for them forever."""
+    import os
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from neighborretr.data.module import ignore_stop_signals
+
+    loader = DataLoader(list(range(64)), batch_size=2, num_workers=1, worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGINT)
+    assert [int(x) for x in next(batches)] == [2, 3] and worker.is_alive()
+    worker.terminate()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    del batches

@@ -1,8 +1,9 @@
 """Run folders are never shared; `trainer.resume=latest` is the highest complete step; the config schema."""
 
-import multiprocessing
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,19 +25,21 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     assert all((f / "config.yaml").is_file() for f in folders)
 
 
-def _claim_in_process(args) -> str:
-    root, start = args
-    while time.time() < start:  # all processes claim at the same moment
-        pass
-    return str(claim_run_dir(_cfg(), Path(root)))
+def test_concurrent_claims_never_share_a_folder(tmp_path, monkeypatch):
+    """Eight claims released at the same instant for the same second: the exclusive file creation (one system
+    call) decides, so every claim gets its own folder. Threads, not forked processes: forking a process that runs
+    torch's thread pools can deadlock the child."""
+    monkeypatch.setattr(time, "strftime", lambda fmt: "2026-12-01_10-00-00")
+    barrier = threading.Barrier(8)
 
+    def claim(_) -> Path:
+        barrier.wait()
+        return claim_run_dir(_cfg(), tmp_path)
 
-def test_concurrent_claims_from_separate_processes_never_share_a_folder(tmp_path):
-    start = time.time() + 1.0
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        folders = pool.map(_claim_in_process, [(str(tmp_path), start)] * 4)
-    assert len(set(folders)) == 4
-    assert sorted(os.listdir(tmp_path)) == sorted(Path(f).name for f in folders)
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(claim, range(8)))
+    assert len(set(folders)) == 8
+    assert sorted(os.listdir(tmp_path)) == sorted(f.name for f in folders)
 
 
 def test_an_output_dir_that_holds_a_run_is_refused(tmp_path):
