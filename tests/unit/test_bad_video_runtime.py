@@ -189,6 +189,7 @@ def test_loader_workers_ignore_ctrl_c_but_end_on_sigterm():
     handler, which terminates leftover workers with it, would wait for them forever."""
     import os
     import signal
+    import time
 
     from torch.utils.data import DataLoader
 
@@ -199,7 +200,8 @@ def test_loader_workers_ignore_ctrl_c_but_end_on_sigterm():
     next(batches)
     (worker,) = batches._workers
     os.kill(worker.pid, signal.SIGINT)
-    assert [int(x) for x in next(batches)] == [2, 3] and worker.is_alive()
+    time.sleep(0.5)  # the signal is delivered asynchronously
+    assert worker.is_alive() and [int(x) for x in next(batches)] == [2, 3]
     worker.terminate()
     worker.join(timeout=10)
     assert not worker.is_alive()
