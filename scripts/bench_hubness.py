@@ -30,6 +30,7 @@ import argparse
 import ctypes
 import gc
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -295,7 +296,15 @@ def bench_case(case: Case, repeats: int, threads: int, command: str) -> dict:
     row["memory_ratio_numpy_over_torch"] = round(memory["numpy"] / max(memory["torch"], 1.0), 3)
     row |= {key: timed[key] for key in ("max_abs_lse_diff", "occurrence_equal", "occurrence_moved")}
     row["command"] = command
+    row["code"] = code_version()
     return row
+
+
+def code_version() -> dict:
+    """The commit and the hash of the torch bank pass's file, which may hold uncommitted changes."""
+    source = Path(__file__).resolve().parents[1] / "neighborretr" / "eval" / "hubness.py"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=source.parent)
+    return {"commit": head.stdout.strip() or "?", "hubness_py_sha1": hashlib.sha1(source.read_bytes()).hexdigest()[:12]}
 
 
 def markdown_table(rows: list[dict]) -> str:

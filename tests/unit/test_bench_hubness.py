@@ -2,6 +2,7 @@
 its agreement with ours, and the timing / memory plumbing on a tiny case."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,11 +82,19 @@ def test_interleaved_times_warm_up_once_then_alternate():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_growth_sees_a_temporary_buffer():
-    def touch_64_mib():
-        buffer = np.ones(64 * 2**20, dtype=np.uint8)  # written, so its pages are resident
-        return int(buffer[::4096].sum())
-
-    assert bench.peak_growth_mib(touch_64_mib) >= 60
+    """In a fresh interpreter, as the benchmark measures: a long-lived test process may hand the buffer pages it
+    already holds, so its resident set need not grow."""
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import bench_hubness as b\n"
+        "def touch():\n"
+        "    buffer = np.ones(64 * 2**20, dtype=np.uint8)  # written, so its pages are resident\n"
+        "    return int(buffer[::4096].sum())\n"
+        "print(b.peak_growth_mib(touch))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "scripts")], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert float(done.stdout.split()[-1]) >= 60
 
 
 def test_bench_case_writes_a_complete_row():
