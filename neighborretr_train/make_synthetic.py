@@ -2,6 +2,7 @@
 
     neighborretr-make-synthetic                            # 1000 train / 200 test clips into data/synthetic
     neighborretr-make-synthetic --root /tmp/tiny --num-train 32 --num-test 16
+    neighborretr-make-synthetic --hubs --root data/synthetic_hubs   # the hub-prone variant (data=synthetic_hubs)
 
 Re-running with the same settings returns at once; any changed setting regenerates the folder.
 """
@@ -12,6 +13,9 @@ import argparse
 import json
 
 from neighborretr.data.synthetic import generate_synthetic_msrvtt
+from neighborretr.data.synthetic_hubs import HubKnobs, generate_hub_prone_msrvtt
+
+_KNOBS = HubKnobs()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="random seed; fixes captions and pixels (default: %(default)s)"
     )
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
+    hubs = parser.add_argument_group("hub-prone variant (neighborretr/data/synthetic_hubs.py explains each knob)")
+    hubs.add_argument("--hubs", action="store_true", help="generate the hub-prone variant")
+    hubs.add_argument("--generic-fraction", type=float, default=_KNOBS.generic_fraction, help="(default: %(default)s)")
+    hubs.add_argument("--attribute-skew", type=float, default=_KNOBS.attribute_skew, help="(default: %(default)s)")
+    hubs.add_argument(
+        "--duplicate-fraction", type=float, default=_KNOBS.duplicate_fraction, help="(default: %(default)s)"
+    )
+    hubs.add_argument(
+        "--vague-caption-prob", type=float, default=_KNOBS.vague_caption_prob, help="(default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -37,18 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Generate the dataset and print its summary as JSON."""
     args = parse_args(argv)
-    summary = generate_synthetic_msrvtt(
-        root=args.root,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        captions_per_video=args.captions_per_video,
-        frame_size=args.frame_size,
-        num_frames=args.num_frames,
-        fps=args.fps,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
+    common = {
+        "root": args.root,
+        "num_train": args.num_train,
+        "num_test": args.num_test,
+        "captions_per_video": args.captions_per_video,
+        "frame_size": args.frame_size,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
+        "seed": args.seed,
+        "workers": args.workers,
+        "progress": not args.no_progress,
+    }
+    if args.hubs:
+        knobs = HubKnobs(
+            generic_fraction=args.generic_fraction,
+            attribute_skew=args.attribute_skew,
+            duplicate_fraction=args.duplicate_fraction,
+            vague_caption_prob=args.vague_caption_prob,
+        )
+        summary = generate_hub_prone_msrvtt(knobs=knobs, **common)
+    else:
+        summary = generate_synthetic_msrvtt(**common)
     print(json.dumps(summary, indent=2))
     return summary
 

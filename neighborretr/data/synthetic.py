@@ -107,6 +107,17 @@ ANNOTATION_FILES = ("MSRVTT_data.json", "MSRVTT_train.9k.csv", "MSRVTT_train.7k.
 
 
 @dataclass(frozen=True)
+class ObjectSpec:
+    """One extra moving object of a busy scene (same geometry conventions as ``ClipSpec``)."""
+
+    color: str
+    shape: str
+    size: int
+    start: tuple[float, float]
+    end: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class ClipSpec:
     """Everything needed to render one clip and to describe it.
 
@@ -123,6 +134,7 @@ class ClipSpec:
     start: tuple[float, float]
     end: tuple[float, float]
     captions: tuple[str, ...]
+    others: tuple[ObjectSpec, ...] = ()  # further moving objects drawn under the main one (hub-prone scenes)
 
 
 def video_id(index: int) -> str:
@@ -217,7 +229,7 @@ def shape_masks(shape: str, centers: np.ndarray, size: int, frame_size: int) -> 
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def object_centers(spec: ClipSpec, num_frames: int) -> np.ndarray:
+def object_centers(spec: ClipSpec | ObjectSpec, num_frames: int) -> np.ndarray:
     """``[T, 2]`` object centres (x, y), moving at constant speed from ``spec.start`` to ``spec.end``."""
     alpha = np.linspace(0.0, 1.0, num_frames)[:, None]
     return (1 - alpha) * np.asarray(spec.start) + alpha * np.asarray(spec.end)
@@ -229,6 +241,10 @@ def render_clip(spec: ClipSpec, frame_size: int, num_frames: int, seed: int) -> 
     masks = shape_masks(spec.shape, object_centers(spec, num_frames), spec.size, frame_size)
     frames = np.empty((num_frames, frame_size, frame_size, 3), dtype=np.int16)
     frames[:] = BACKGROUND_COLORS[spec.background]
+    for other in spec.others:  # under the main object, so the main object is always fully visible
+        frames[shape_masks(other.shape, object_centers(other, num_frames), other.size, frame_size)] = OBJECT_COLORS[
+            other.color
+        ]
     frames[masks] = OBJECT_COLORS[spec.color]
     # Integer uniform noise: several times cheaper to draw than Gaussian noise, and just as good a nuisance.
     frames += noise_rng.integers(-PIXEL_NOISE, PIXEL_NOISE + 1, size=frames.shape, dtype=np.int8)
@@ -450,19 +466,27 @@ def generate_synthetic_msrvtt(
         "fps": fps,
         "seed": seed,
     }
-    num_videos = num_train + num_test
     held_out = distinct_combos(seed, num_test)
     specs = [sample_clip_spec(seed, i, frame_size, captions_per_video) for i in range(num_train)] + [
         sample_clip_spec(seed, num_train + k, frame_size, 1, combo) for k, combo in enumerate(held_out)
     ]
-    regenerated = not _is_complete(root, params, num_videos)
+    return write_benchmark(root, specs, params, workers, progress, started)
+
+
+def write_benchmark(
+    root: Path, specs: list[ClipSpec], params: dict, workers: int | None, progress: bool, started: float
+) -> dict:
+    """Write ``specs`` (train clips first, then ``params["num_test"]`` test clips) under ``root``, or reuse the
+    folder when it already holds exactly this generation; returns the summary of ``generate_synthetic_msrvtt``."""
+    num_train = params["num_train"]
+    regenerated = not _is_complete(root, params, len(specs))
     if regenerated:
         _generate(root, specs, params, workers or os.cpu_count() or 1, progress)
     combos = {(s.color, s.shape, s.direction, s.background) for s in specs[num_train:]}
     return {
         "root": str(root),
         "num_train": num_train,
-        "num_test": num_test,
+        "num_test": params["num_test"],
         "num_sentences": sum(len(spec.captions) for spec in specs),
         "num_test_attribute_combos": len(combos),
         "regenerated": regenerated,

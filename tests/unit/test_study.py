@@ -1,0 +1,65 @@
+"""The study's tables: mean +- std over seeds and the paired comparison against InfoNCE, on hand-made results."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from neighborretr_train import config_dir
+from neighborretr_train.study import CPU_COMMON, VARIANTS, aggregate, format_tables, paired
+
+
+def _rows(r1: float, skew: float) -> dict:
+    metrics = {"R@1": r1, "R@5": 50.0, "MnR": 5.0, "skewness": skew, "hub_occurrence": 0.1, "antihub_occurrence": 0.0}
+    return {"t2v": dict(metrics), "v2t": dict(metrics)}
+
+
+def _results() -> dict:
+    # InfoNCE R@1 10/12/14; NeighborRetr +2 on every seed (a beyond-noise gain), "no_kl" +3/-3/0 (noise)
+    out = {}
+    for seed, base in enumerate([10.0, 12.0, 14.0]):
+        out["syn", "infonce", seed] = {"normalized": {"none": _rows(base, 2.0)}}
+        out["syn", "neighborretr", seed] = {"normalized": {"none": _rows(base + 2 + 0.1 * seed, 1.0)}}
+        out["syn", "no_kl", seed] = {"normalized": {"none": _rows(base + [3, -3, 0][seed], 2.0)}}
+    return out
+
+
+def test_aggregate_collects_per_seed_values() -> None:
+    table = aggregate(_results(), ["none", "is"])
+    assert table["syn"]["infonce"]["none"]["t2v"]["R@1"] == [10.0, 12.0, 14.0]
+    assert "is" not in table["syn"]["infonce"]  # a method the runs did not report is left out
+
+
+def test_paired_statistics_by_hand() -> None:
+    cell = paired([2.0, 2.1, 2.2])
+    assert cell["mean"] == pytest.approx(2.1)
+    assert cell["std"] == pytest.approx(0.1)
+    # t = mean / (std / sqrt(3)) = 36.37 with 2 degrees of freedom: p = 0.000755
+    assert cell["p"] == pytest.approx(0.000755, rel=1e-2)
+    assert (cell["up"], cell["down"]) == (3, 0)
+    assert math.isnan(paired([1.0])["p"])
+
+
+def test_tables_mark_only_consistent_differences() -> None:
+    text = format_tables(aggregate(_results(), ["none"]))
+    assert "| infonce | none | 3 | 12.00 ± 2.00 |" in text
+    paired_rows = text.split("paired differences")[1].splitlines()
+    neighborretr = next(line for line in paired_rows if line.startswith("| neighborretr | none |"))
+    no_kl = next(line for line in paired_rows if line.startswith("| no_kl | none |"))
+    assert neighborretr.split(" | ")[2].startswith("**+2.10")  # t2v R@1: 3/3 seeds up, p < 0.05
+    assert "**" not in no_kl.split(" | ")[2]  # +0.00 with one seed up, one down
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_composes_and_sets_what_it_names(variant: str) -> None:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", [*CPU_COMMON, "data=synthetic_hubs", *VARIANTS[variant]])
+    assert cfg.data.root == "data/synthetic_hubs"
+    expected_loss = "InfoNCEObjective" if variant == "infonce" else "NeighborRetrObjective"
+    assert cfg.loss._target_.endswith(expected_loss)
+    for override in VARIANTS[variant][1:]:
+        key, value = override.split("=")
+        assert str(OmegaConf.select(cfg, key)).lower() == value.lower()
