@@ -3,6 +3,7 @@ import torch
 
 from neighborretr.eval.hubness_eval import (
     METHOD_PARAMS,
+    _grid,
     intra_similarity,
     normalized_report,
     pooled_tokens,
@@ -68,6 +69,7 @@ def test_selection_uses_only_validation_and_report_has_every_method(model):
     params = select_parameters(val, c2v, methods, grid)
     assert params["dualis"]["t2v"]["beta_query_bank"] in (10.0, 50.0)
     assert params["none"]["t2v"] == {} and params["sn"]["v2t"] == {"tau": 0.05}
+    assert params["nnn"]["t2v"]["nnn_k"] in (1, 8)  # the default grid's 16 and 64 exceed the 9-caption bank
     rows, counts = normalized_report(val, c2v, methods, params, k=2)
     assert set(rows) == set(methods)
     for method in methods:
@@ -76,3 +78,11 @@ def test_selection_uses_only_validation_and_report_has_every_method(model):
         assert int(counts["t2v"][method].sum()) == 2 * 6  # k · queries
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalized_report(val, c2v, ["nope"], params)
+
+
+def test_nnn_grid_caps_k_by_the_query_bank():
+    grid = {"nnn_alpha": (0.5, 1.0), "nnn_k": (4, 16)}
+    assert _grid("nnn", grid, 100) == [{"nnn_alpha": a, "nnn_k": k} for a in (0.5, 1.0) for k in (4, 16)]
+    assert _grid("nnn", grid, 10) == [{"nnn_alpha": 0.5, "nnn_k": 4}, {"nnn_alpha": 1.0, "nnn_k": 4}]
+    # a bank smaller than every k: the whole bank is averaged
+    assert _grid("nnn", grid, 3) == [{"nnn_alpha": 0.5, "nnn_k": 3}, {"nnn_alpha": 1.0, "nnn_k": 3}]
