@@ -86,3 +86,32 @@ def test_nnn_grid_caps_k_by_the_query_bank():
     assert _grid("nnn", grid, 10) == [{"nnn_alpha": 0.5, "nnn_k": 4}, {"nnn_alpha": 1.0, "nnn_k": 4}]
     # a bank smaller than every k: the whole bank is averaged
     assert _grid("nnn", grid, 3) == [{"nnn_alpha": 0.5, "nnn_k": 3}, {"nnn_alpha": 1.0, "nnn_k": 3}]
+
+
+def test_v2t_protocol_reaches_the_report():
+    # caption_to_video [0, 0, 1, 1, 2]; by hand (tests/unit/test_metrics.py) the v2t ranks are [1, 2, 2] with
+    # best_caption and [2, 2, 3] with all_captions.
+    sim = torch.tensor([[0.5, 0.9, 0.3], [0.2, 0.1, 0.25], [0.7, 0.3, 0.1], [0.6, 0.8, 0.2], [0.4, 0.85, 0.2]])
+    c2v = torch.tensor([0, 0, 1, 1, 2])
+    banks = dict.fromkeys(("query_bank", "gallery_bank", "query_gallery_bank"))
+    matrices = {"t2v": {"sim": sim, **banks}, "v2t": {"sim": sim.t(), **banks}}
+    mnr = {}
+    for protocol in ("best_caption", "all_captions"):
+        rows, _ = normalized_report(matrices, c2v, ["none"], {}, k=1, v2t_protocol=protocol)
+        mnr[protocol] = rows["none"]["v2t"]["MnR"]
+    assert mnr == pytest.approx({"best_caption": 8 / 3, "all_captions": 10 / 3})
+
+
+def test_the_recipe_evaluator_passes_eval_v2t_protocol(monkeypatch):
+    from omegaconf import OmegaConf
+
+    import neighborretr_train.common as common
+
+    seen = {}
+    monkeypatch.setattr(common, "evaluate_report", lambda *args, **kwargs: seen.update(kwargs))
+    for protocol in ("all_captions", "best_caption"):
+        cfg = OmegaConf.create({"normalizations": ["none"], "k": 3, "chunk_size": 8, "v2t_protocol": protocol})
+        evaluator = common.Evaluator(accelerator=None, data=None, eval_cfg=cfg, records={})
+        evaluator.loaders = {"val": ("captions", "videos")}
+        evaluator(model=None, split="val")
+        assert seen["v2t_protocol"] == protocol
