@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 Validator = Callable[[], dict[str, dict[str, float]]]
 # Selection needs "higher is better": the recalls and their sum (ranks would pick the worst epoch).
 SELECT_METRICS = ("rsum", *(f"{d}/R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)))
+# History prefix of the test split scored after every epoch (eval.as_published); never used for selection.
+EPOCH_TEST = "epoch_test"
+TEST_SELECTED_NOTE = (
+    "test-selected: best epoch per direction chosen by R@1 on the test split itself, as the official code reports "
+    "(spec §7); optimistic, not a model selection; compare with papers only"
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -104,6 +110,32 @@ def selection_score(metrics: dict[str, dict[str, float]], name: str) -> float:
         return sum(m[k] for m in metrics.values() for k in ("R@1", "R@5", "R@10"))
     direction, _, metric = name.partition("/")
     return metrics[direction][metric]
+
+
+def as_published_best(history: list[dict], metric: str = "R@1") -> dict | None:
+    """What the official code would report: for each direction its best epoch on the test split, chosen
+    independently (its "FINAL BEST RESULTS", spec §7, over end-of-epoch evaluations).
+
+    Args:
+        history: ``TrainState.history``; the entries holding ``epoch_test/<direction>/<metric>`` (written when
+            ``fit`` gets ``test_each_epoch``) are searched. A tie goes to the later epoch, as the official ``<=``.
+        metric: the key compared (the official code: R@1).
+
+    Returns:
+        ``{"note": ..., "t2v": {"epoch", "step", R@1, ...}, "v2t": {...}}``, or None when no epoch was tested.
+    """
+    tested = [h for h in history if f"{EPOCH_TEST}/t2v/{metric}" in h]
+    if not tested:
+        return None
+    report: dict = {"note": TEST_SELECTED_NOTE, "metric": metric}
+    for direction in ("t2v", "v2t"):
+        key = f"{EPOCH_TEST}/{direction}/{metric}"
+        best = max(reversed(tested), key=lambda h: h[key])  # max keeps the first maximum: reversed -> the latest
+        prefix = f"{EPOCH_TEST}/{direction}/"
+        report[direction] = {"epoch": best["epoch"], "step": best["step"]} | {
+            k.removeprefix(prefix): v for k, v in best.items() if k.startswith(prefix)
+        }
+    return report
 
 
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -300,6 +332,7 @@ def fit(
     cfg: FitConfig,
     log_metrics: MetricsLog,
     refill_loader: DataLoader | None = None,
+    test_each_epoch: Validator | None = None,
 ) -> TrainState:
     """Trains from `state` to `cfg.epochs`, validating after every epoch and keeping the best model by
     `cfg.select_metric` (computed on the validation split only) in run_dir/best.
@@ -307,6 +340,8 @@ def fit(
     Args:
         step: the prepared TrainStep (the model and its objective).
         refill_loader: needed when the objective keeps state refilled every epoch (`refill_batches` > 0).
+        test_each_epoch: also scores the test split after every validation (eval.as_published); its numbers are
+            logged and kept in the history under `epoch_test/` for :func:`as_published_best`, never selected on.
     """
     objective = accelerator.unwrap_model(step).objective
     if objective.refill_batches and refill_loader is None:
@@ -333,6 +368,9 @@ def fit(
             # Every rank scores the full matrix; take the main process's value so all ranks agree on "improved".
             score = broadcast_object_list([selection_score(metrics, cfg.select_metric)])[0]
             flat = {f"val/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}
+            if test_each_epoch is not None:
+                tested = _stop_on_lost_workers(stop, save, test_each_epoch)
+                flat |= {f"{EPOCH_TEST}/{d}/{k}": v for d, m in tested.items() for k, v in m.items()}
             log_metrics(flat | {"val/score": score, "epoch": state.epoch}, step=state.global_step)
             state.history.append({"epoch": state.epoch, "step": state.global_step, "score": score, **flat})
             improved = score > state.best_score

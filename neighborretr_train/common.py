@@ -346,4 +346,5 @@ class Evaluator:
             bank_cache=bank_cache_path(self.data, self.cfg, weights) if banks and weights else None,
             k=self.cfg.k,
             chunk_size=self.cfg.chunk_size,
+            v2t_protocol=self.cfg.v2t_protocol,
         )

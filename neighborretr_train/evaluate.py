@@ -110,6 +110,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg = run_config(cfg, run_dir)
     accelerator = setup_accelerator(run_cfg.trainer)
     data = build(run_cfg, "data")
+    if cfg.eval.as_published:
+        log.warning("eval.as_published applies to training (per-epoch test scores); one checkpoint has no epochs")
     methods = list(cfg.eval.normalizations)
     splits = [cfg.split]
     if any(m != "none" for m in methods):

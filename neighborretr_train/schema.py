@@ -21,6 +21,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from neighborretr.eval.hubness import METHODS
+from neighborretr.eval.metrics import V2T_PROTOCOLS
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -43,6 +44,8 @@ class EvalSettings:
     query_bank_size: int | None = 10000
     gallery_bank_size: int | None = 2000
     bank_seed: int = 0
+    v2t_protocol: str = "best_caption"
+    as_published: bool = False
 
     def __post_init__(self):
         for name in ("chunk_size", "k", "query_bank_size", "gallery_bank_size"):
@@ -52,6 +55,8 @@ class EvalSettings:
         unknown = sorted(set(self.normalizations) - set(METHODS))
         if unknown:
             raise SchemaError(f"eval.normalizations: unknown {unknown}; choose from {', '.join(METHODS)}")
+        if self.v2t_protocol not in V2T_PROTOCOLS:
+            raise SchemaError(f"eval.v2t_protocol={self.v2t_protocol!r}: choose {' or '.join(V2T_PROTOCOLS)}")
 
 
 @dataclasses.dataclass

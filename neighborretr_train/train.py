@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from neighborretr.checkpoint import checkpoint_dirs, is_complete, load_checkpoint, step_of
 from neighborretr.data.module import VideoTextData
-from neighborretr.engine import FitConfig, TrainState, fit, write_json
+from neighborretr.engine import FitConfig, TrainState, as_published_best, fit, write_json
+from neighborretr.eval.metrics import format_table
 from neighborretr.eval.pipeline import write_report
 from neighborretr.metrics_log import MetricsLog
 from neighborretr.train_step import TrainStep
@@ -208,7 +209,10 @@ def score_selected_model(
     accelerator: Accelerator, evaluator: Evaluator, model, state: TrainState, loop: FitConfig, log_metrics: MetricsLog
 ) -> dict:
     """The test split scored by the model selected on the validation split, for both directions, raw and with
-    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json."""
+    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json.
+
+    With eval.as_published, results.json also gets "as_published_test_selected": the per-direction best epochs
+    chosen on the test split, as the official code reports them, labelled as such."""
     weights = loop.run_dir / "best" / "model.pt"
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     report = evaluator(model, "test", evaluator.methods, weights=weights)
@@ -222,6 +226,11 @@ def score_selected_model(
         "history": state.history,
     }
     write_report(accelerator, report, loop.run_dir, "test", evaluator.cfg.k, state.global_step, log_metrics)
+    published = as_published_best(state.history) if evaluator.cfg.as_published else None
+    if published is not None:
+        results["as_published_test_selected"] = published
+        rows = {f"{d} (epoch {published[d]['epoch']})": published[d] for d in ("t2v", "v2t")}
+        accelerator.print(format_table(rows, title=f"as published, TEST-SELECTED: {published['note']}"))
     if accelerator.is_main_process:
         write_json(loop.run_dir / "results.json", results)
     return results
@@ -285,6 +294,7 @@ def _train(cfg: DictConfig, lock: RunLock) -> dict:
             loop,
             log_metrics,
             refill,
+            test_each_epoch=(lambda: evaluator(model, "test")["rows"]["none"]) if cfg.eval.as_published else None,
         )
         results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
     finally:

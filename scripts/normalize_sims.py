@@ -1,7 +1,7 @@
 """Hubness normalisation of saved similarity matrices, for users of any retrieval codebase.
 
     python scripts/normalize_sims.py --test sims/test.npy --query-bank sims/qbank.npy --gallery-bank sims/gbank.npy \\
-        --methods none is dis dualis dualdis sn --out results/
+        --methods none is dis dualis dualdis sn nnn --out results/
 
 Inputs (.npy or .pt, rows are queries of one direction), with the scale each one usually comes on:
   --test                 test queries x test gallery       [Q, G]   cross-modal: logit for CLIP-style models
@@ -12,6 +12,10 @@ Inputs (.npy or .pt, rows are queries of one direction), with the scale each one
   --query-gallery-bank   query bank x gallery bank         [Bq, Bg] cross-modal (DBSN): logit for CLIP-style models
   --gt                   ground-truth gallery index of each query [Q], whole numbers in [0, G)
                          (.npy or .pt; default: query i matches item i)
+  --gallery-owner        instead of --gt, for queries with several correct items (video-to-text with several
+                         captions per video): the query each gallery item belongs to [G], whole numbers in [0, Q),
+                         every query owning at least one; ranked by --v2t-protocol: best_caption (default, the
+                         CLIP4Clip / official protocol: a query against each query's best item) or all_captions
 Each matrix declares its own scale: --test-scale, --query-bank-scale, --gallery-bank-scale and
 --query-gallery-bank-scale (cosine or logit), each defaulting to --scale (cosine). Logits lambda*cos (CLIP: x100)
 are divided by --logit-scale lambda, so that beta and tau mean the same on every input. So CLIP sims with a
@@ -38,7 +42,7 @@ import torch
 from neighborretr.eval import hubness as hub
 from neighborretr.eval.hubness import BANKS_NEEDED, GATE_MODES, METHODS, normalize, to_cosine_scale
 from neighborretr.eval.hubness_metrics import hubness_report, k_occurrence, plot_k_occurrence
-from neighborretr.eval.metrics import COLUMNS, positive_ranks, rank_metrics
+from neighborretr.eval.metrics import COLUMNS, V2T_PROTOCOLS, positive_ranks, rank_metrics, v2t_ranks
 
 INPUTS = ("test", "query_bank", "gallery_bank", "query_gallery_bank")
 SCALES = ("cosine", "logit")
@@ -128,6 +132,32 @@ def load_gt(path: Path | None, queries: int, gallery: int) -> torch.Tensor:
     return torch.from_numpy(gt.astype(np.int64))
 
 
+def load_gallery_owner(path: Path, queries: int, gallery: int) -> torch.Tensor:
+    """[G] int64 query index each gallery item belongs to: whole numbers in [0, Q), every query owning one."""
+    value = _read(path, "--gallery-owner")
+    owner = (value.numpy() if isinstance(value, torch.Tensor) else value).reshape(-1)
+    if owner.size != gallery:
+        fail(
+            f"--gallery-owner: {path} has {owner.size} values, but --test has {gallery} gallery items (columns); "
+            f"it needs the owning query of each, shape ({gallery},)"
+        )
+    if owner.dtype.kind not in "iuf" or (owner.dtype.kind == "f" and not np.all(owner == np.round(owner))):
+        fail(f"--gallery-owner: {path} must hold whole-number query indices, got {owner.dtype} values")
+    if owner.min() < 0 or owner.max() >= queries:
+        fail(f"--gallery-owner: {path} holds values outside [0, {queries}) (the rows of --test)")
+    orphans = np.setdiff1d(np.arange(queries), owner)
+    if orphans.size:
+        fail(f"--gallery-owner: {orphans.size} query row(s) own no gallery item (first: {int(orphans[0])})")
+    return torch.from_numpy(owner.astype(np.int64))
+
+
+def query_ranks(scores: torch.Tensor, gt: torch.Tensor | None, owner: torch.Tensor | None, protocol: str):
+    """[Q] 0-based rank of each query: of its --gt item, or (with --gallery-owner) by ``protocol``."""
+    if owner is None:
+        return positive_ranks(scores, torch.nn.functional.one_hot(gt, scores.shape[1]).bool())
+    return v2t_ranks(scores.T, owner, protocol=protocol)  # v2t_ranks reads [items, queries] with each item's query
+
+
 def check_shapes(test, query_bank, gallery_bank, query_gallery_bank) -> None:
     """Every bank must score the same test gallery, and the DBSN bank the same query and gallery banks."""
     gallery = test.shape[1]
@@ -155,9 +185,14 @@ def check_settings(args: argparse.Namespace) -> None:
             fail(f"{flag} must be a finite number >= 0 (an inverse temperature on the cosine scale), got {value:g}")
     if not (math.isfinite(args.tau) and args.tau > 0):
         fail(f"--tau must be a finite number > 0 (a temperature on the cosine scale), got {args.tau:g}")
-    for flag, value in (("--sinkhorn-iters", args.sinkhorn_iters), ("--dis-k", args.dis_k), ("--k", args.k)):
+    if not (math.isfinite(args.nnn_alpha) and args.nnn_alpha >= 0):
+        fail(f"--nnn-alpha must be a finite number >= 0, got {args.nnn_alpha:g}")
+    counts = (("--sinkhorn-iters", args.sinkhorn_iters), ("--dis-k", args.dis_k), ("--k", args.k))
+    for flag, value in (*counts, ("--nnn-k", args.nnn_k)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
+    if args.gt is not None and args.gallery_owner is not None:
+        fail("--gt and --gallery-owner both say which items are correct; pass one")
     if args.logit_scale is not None and not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
         fail(f"--logit-scale must be the positive multiplier lambda (CLIP: 100), got {args.logit_scale:g}")
     logit = [_flag(n) for n in INPUTS if getattr(args, n) is not None and getattr(args, f"{n}_scale") == "logit"]
@@ -213,8 +248,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("test", "query-bank", "gallery-bank", "query-gallery-bank", "gt"):
+    for name in ("test", "query-bank", "gallery-bank", "query-gallery-bank", "gt", "gallery-owner"):
         p.add_argument(f"--{name}", type=Path, required=name == "test")
+    p.add_argument("--v2t-protocol", choices=V2T_PROTOCOLS, default="best_caption", help="ranking with --gallery-owner")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="default: every method whose banks are given")
     p.add_argument("--scale", choices=SCALES, default="cosine", help="scale of every input without its own")
     for name in INPUTS:
@@ -225,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, default=hub.DEFAULT_TAU, help="Sinkhorn temperature (SN, DBSN), > 0")
     p.add_argument("--sinkhorn-iters", type=int, default=hub.DEFAULT_SINKHORN_ITERS)
     p.add_argument("--dis-k", type=int, default=1, help="top-k of each bank row forming the activation set")
+    p.add_argument("--nnn-alpha", type=float, default=hub.DEFAULT_NNN_ALPHA, help="NNN bias weight, >= 0")
+    p.add_argument("--nnn-k", type=int, default=hub.DEFAULT_NNN_K, help="NNN: reference queries per item, <= Bq")
     p.add_argument(
         "--gate-mode", choices=GATE_MODES, default="per_factor", help="DualDIS gating (legacy: official code)"
     )
@@ -259,10 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--k {args.k} is larger than the gallery ({gallery} columns of --test); use --k <= {gallery}")
     if args.dis_k > gallery and any(m in TOP_K_METHODS for m in args.methods):
         fail(f"--dis-k {args.dis_k} is larger than the gallery ({gallery} columns of --test); use --dis-k <= {gallery}")
-    gt = load_gt(args.gt, queries, gallery)
+    if "nnn" in args.methods and args.nnn_k > mats["query_bank"].shape[0]:
+        bank = mats["query_bank"].shape[0]
+        fail(f"--nnn-k {args.nnn_k} is larger than the query bank ({bank} rows of --query-bank); use --nnn-k <= {bank}")
+    owner = None if args.gallery_owner is None else load_gallery_owner(args.gallery_owner, queries, gallery)
+    gt = load_gt(args.gt, queries, gallery) if owner is None else None
 
     rows, counts = {}, {}
-    positives = torch.nn.functional.one_hot(gt, gallery).bool()
     try:
         for method in args.methods:
             scores = normalize(
@@ -277,8 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
                 tau=args.tau,
                 sinkhorn_iters=args.sinkhorn_iters,
                 gate_mode=args.gate_mode,
+                nnn_alpha=args.nnn_alpha,
+                nnn_k=args.nnn_k,
             )
-            ranks = rank_metrics(positive_ranks(scores, positives))
+            ranks = rank_metrics(query_ranks(scores, gt, owner, args.v2t_protocol))
             rows[method] = {DIRECTION: ranks | hubness_report(scores, k=args.k)}
             counts[method] = k_occurrence(scores, k=args.k)
     except ValueError as err:  # the checks above should leave nothing for the library to refuse

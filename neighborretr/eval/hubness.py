@@ -1,10 +1,12 @@
-"""Post-hoc hubness normalisation of retrieval scores: IS, QB-Norm DIS, DBNorm DualIS/DualDIS, SN and DBSN.
+"""Post-hoc hubness normalisation of retrieval scores: IS, QB-Norm DIS, DBNorm DualIS/DualDIS, SN, DBSN and NNN.
 
 Every method maps the test similarity matrix ``s`` [Q, G] (test queries x test gallery) to log-domain scores
-whose per-row order is the method's ranking (``docs/HUBNESS_METHODS.md`` §2 and §3.5). The work is split in two:
+(NNN: shifted cosines) whose per-row order is the method's ranking (``docs/HUBNESS_METHODS.md`` §2 and §3.5).
+The work is split in two:
 
 * an offline *bank pass* over a similarity source (bank rows x test-gallery columns) that yields O(G) vectors:
-  :func:`bank_stats` (log-sum-exp normaliser ``Z`` and bank k-occurrence) and :func:`sinkhorn_potentials` (``h``);
+  :func:`bank_stats` (log-sum-exp normaliser ``Z`` and bank k-occurrence), :func:`sinkhorn_potentials` (``h``)
+  and :func:`nnn_bias` (Nearest Neighbor Normalization's per-item bias ``b``);
 * an online pass, :func:`normalize_scores`, that costs O(G) per query row.
 
 Scale: every ``beta`` (inverse temperature) and ``tau`` (temperature) in this module is defined on the **cosine
@@ -37,7 +39,7 @@ SimSource = Tensor | BlockFn
 # A bank for :func:`normalize`: a tensor, or a block function with its row count.
 BankInput = Tensor | tuple[BlockFn, int]
 
-METHODS = ("none", "is", "dis", "dualis", "dualdis", "sn", "dbsn")
+METHODS = ("none", "is", "dis", "dualis", "dualdis", "sn", "dbsn", "nnn")
 # The bank matrices each method needs, named as :func:`normalize`'s arguments (t2v: query bank = training
 # captions x test videos, gallery bank = training videos x test videos, query-gallery bank = training captions
 # x training videos).
@@ -49,6 +51,7 @@ BANKS_NEEDED: dict[str, tuple[str, ...]] = {
     "dualdis": ("query_bank", "gallery_bank"),
     "sn": ("query_bank",),
     "dbsn": ("query_bank", "query_gallery_bank"),
+    "nnn": ("query_bank",),
 }
 GATE_MODES = ("per_factor", "legacy", "union", "intersection")
 SINKHORN_FIRST_UPDATES = ("bank", "columns")
@@ -59,6 +62,8 @@ DEFAULT_BETA_QUERY_BANK = 20.0
 DEFAULT_BETA_GALLERY_BANK = 1.0
 DEFAULT_TAU = 0.01
 DEFAULT_SINKHORN_ITERS = 10
+DEFAULT_NNN_ALPHA = 0.75
+DEFAULT_NNN_K = 16
 
 _QUERY_BANK_METHODS = ("is", "dis", "dualis", "dualdis")
 _GALLERY_BANK_METHODS = ("dualis", "dualdis")
@@ -333,6 +338,35 @@ def _sinkhorn_pass(
     return tau * (-math.log(n_cols) - column_lse), n_cols
 
 
+def nnn_bias(source: SimSource, n_bank: int | None, alpha: float, k: int, chunk_size: int = 4096) -> Tensor:
+    """Nearest Neighbor Normalization's per-gallery-item bias (Chowdhury et al., EMNLP 2024), streamed.
+
+    ``b_g = alpha * mean of the k largest s(r, g) over the reference queries r`` (the bank rows). NNN scores are
+    ``s(q, g) - b_g``: the bias depends on the bank and the gallery only, so queries can be scored one at a time.
+
+    Args:
+        source: reference queries x test gallery, a tensor [N_bank, G] or a block function, cosine scale.
+        n_bank: number of bank rows (required for a block function; ``None`` takes a tensor's).
+        alpha: bias weight, >= 0 (NNN: about 0.75 with an in-domain bank, 0.25-0.5 otherwise).
+        k: reference queries averaged per gallery item, in [1, N_bank].
+        chunk_size: bank rows per block; extra memory is O((chunk_size + k) * G).
+
+    Returns:
+        [G] bias ``b`` on the source's device, in the work dtype.
+    """
+    n_bank = _num_rows(source, n_bank, "bank")
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"nnn alpha must be finite and >= 0, got {alpha}")
+    if not 1 <= k <= n_bank:
+        raise ValueError(f"nnn k must be in [1, {n_bank}] (the bank's rows), got {k}")
+    top = None  # [<= k, G] the largest values seen so far in each column
+    for start, stop in _chunks(n_bank, chunk_size):
+        block = _read_block(source, start, stop, None if top is None else top.shape[1], "bank")
+        pool = block if top is None else torch.cat([top, block])
+        top = pool.topk(min(k, pool.shape[0]), dim=0, sorted=False).values
+    return alpha * top.mean(dim=0)
+
+
 # ----------------------------------------------------------------------------------------------- online pass
 
 
@@ -347,6 +381,7 @@ class _Terms:
     lse_g: Tensor | None = None
     active_g: Tensor | None = None
     potentials: Tensor | None = None
+    bias: Tensor | None = None
     gate_mode: str = "per_factor"
 
 
@@ -358,6 +393,7 @@ def normalize_scores(
     potentials: Tensor | None = None,
     gate_mode: str = "per_factor",
     chunk_size: int = 4096,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Hubness-normalised log-domain scores of the test matrix (online pass, chunked over query rows).
 
@@ -374,6 +410,8 @@ def normalize_scores(
       ``log|s|`` and signs in float64: a strictly increasing map of ``P``, so every ranking (within and across
       rows) equals the code's, while the output stays finite (``P`` itself reaches ``exp(4 beta)``).
     * ``sn`` / ``dbsn``: ``s + h`` with ``h = potentials``.
+    * ``nnn``: ``s - b`` with ``b = bias`` (:func:`nnn_bias`), on the cosine scale; every row is corrected by
+      the same vector, so a query's scores do not depend on the other queries.
 
     Scores are ranking-equivalent to the exp-ratio forms per row; rows gated differently are on different
     scales, so compare them across rows (v2t on a transpose, fusion, thresholds) only with care.
@@ -386,6 +424,7 @@ def normalize_scores(
         potentials: [G] Sinkhorn potentials ``h`` (sn, dbsn).
         gate_mode: DualDIS gating, one of :data:`GATE_MODES`.
         chunk_size: query rows processed at once.
+        bias: [G] NNN bias (nnn).
 
     Returns:
         A new [Q, G] tensor on ``sim``'s device: float32 (float64 for float64 input or ``gate_mode="legacy"``).
@@ -400,7 +439,7 @@ def normalize_scores(
     check_cosine_scale(sim, "sim")
     legacy = method == "dualdis" and gate_mode == "legacy"
     dtype = torch.float64 if legacy else _work_dtype(sim)
-    terms = _terms(method, sim.shape[1], sim.device, dtype, query_stats, gallery_stats, potentials, gate_mode)
+    terms = _terms(method, sim.shape[1], sim.device, dtype, query_stats, gallery_stats, potentials, gate_mode, bias)
     score = _SCORERS[method]
     out = torch.empty(sim.shape, dtype=dtype, device=sim.device)
     for start, stop in _chunks(sim.shape[0], chunk_size):
@@ -422,6 +461,7 @@ def _terms(
     gallery_stats: BankStats | None,
     potentials: Tensor | None,
     gate_mode: str,
+    bias: Tensor | None = None,
 ) -> _Terms:
     """Validate what ``method`` needs and move it to the scores' device and dtype."""
     terms = _Terms(gate_mode=gate_mode)
@@ -439,6 +479,12 @@ def _terms(
         if potentials.shape != (n_gallery,):
             raise ValueError(f"potentials has shape {tuple(potentials.shape)}, expected ({n_gallery},)")
         terms.potentials = potentials.to(device=device, dtype=dtype)
+    if method == "nnn":
+        if bias is None:
+            raise ValueError("method 'nnn' needs bias (nnn_bias over the query bank)")
+        if bias.shape != (n_gallery,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n_gallery},)")
+        terms.bias = bias.to(device=device, dtype=dtype)
     return terms
 
 
@@ -507,6 +553,10 @@ def _score_sinkhorn(s: Tensor, t: _Terms) -> Tensor:
     return s + t.potentials
 
 
+def _score_nnn(s: Tensor, t: _Terms) -> Tensor:
+    return s - t.bias
+
+
 _SCORERS: dict[str, Callable[[Tensor, _Terms], Tensor]] = {
     "none": _score_none,
     "is": _score_is,
@@ -515,6 +565,7 @@ _SCORERS: dict[str, Callable[[Tensor, _Terms], Tensor]] = {
     "dualdis": _score_dualdis,
     "sn": _score_sinkhorn,
     "dbsn": _score_sinkhorn,
+    "nnn": _score_nnn,
 }
 
 
@@ -536,6 +587,8 @@ def normalize(
     chunk_size: int = 4096,
     sim_scale: str = "cosine",
     logit_scale: float | None = None,
+    nnn_alpha: float = DEFAULT_NNN_ALPHA,
+    nnn_k: int = DEFAULT_NNN_K,
 ) -> Tensor:
     """Bank pass + online pass for one method (t2v naming; swap the modalities for v2t).
 
@@ -548,6 +601,8 @@ def normalize(
       gallery-bank term is a second, weaker density estimate (the DBNorm code uses 3).
     * ``tau = 0.01``, ``sinkhorn_iters = 10``: the official SN/DBSN settings (POT cost ``1 - s``, so cosine
       scale), truncated on purpose.
+    * ``nnn_alpha = 0.75``, ``nnn_k = 16``: NNN with an in-domain reference bank (HUBNESS_METHODS §2.8: alpha
+      0.75 in-domain, 0.25-0.5 with k 8-16 out of domain).
 
     Args:
         sim_test: [Q, G] test queries x test gallery.
@@ -564,6 +619,8 @@ def normalize(
         chunk_size: rows per block in both passes.
         sim_scale: ``"cosine"`` or ``"logit"``; logits (test and banks) are divided by ``logit_scale``.
         logit_scale: the multiplier ``lambda`` for ``sim_scale="logit"`` (about 100 for CLIP).
+        nnn_alpha: NNN's bias weight (nnn).
+        nnn_k: reference queries averaged into NNN's bias, at most the query bank's rows (nnn).
 
     Returns:
         [Q, G] log-domain scores (see :func:`normalize_scores`); no input is modified.
@@ -578,7 +635,7 @@ def normalize(
     sources = {
         name: _bank_source(bank, name, sim_scale, logit_scale) for name, bank in banks.items() if bank is not None
     }
-    query_stats = gallery_stats = potentials = None
+    query_stats = gallery_stats = potentials = bias = None
     if method in _QUERY_BANK_METHODS:
         query_stats = bank_stats(*sources["query_bank"], beta_query_bank, k, chunk_size)
     if method in _GALLERY_BANK_METHODS:
@@ -588,7 +645,9 @@ def normalize(
     if method == "dbsn":
         source, n_bank = _dbsn_source(sources["query_bank"], sources["query_gallery_bank"], sim_test.shape[1])
         potentials = sinkhorn_potentials(source, n_bank, None, tau, sinkhorn_iters, chunk_size)[: sim_test.shape[1]]
-    return normalize_scores(sim_test, method, query_stats, gallery_stats, potentials, gate_mode, chunk_size)
+    if method == "nnn":
+        bias = nnn_bias(*sources["query_bank"], nnn_alpha, nnn_k, chunk_size)
+    return normalize_scores(sim_test, method, query_stats, gallery_stats, potentials, gate_mode, chunk_size, bias)
 
 
 def _bank_source(bank: BankInput, name: str, sim_scale: str, logit_scale: float | None) -> tuple[SimSource, int]:

@@ -29,11 +29,14 @@ from neighborretr.eval.hubness import METHODS, normalize
 from neighborretr.eval.hubness_metrics import direction_report_pair, k_occurrence
 from neighborretr.eval.metrics import retrieval_metrics
 
-# β / τ grids searched on the validation split (cosine scale).
+# β / τ / NNN grids searched on the validation split (cosine scale). NNN's α spans the paper's range (0.25-0.5
+# with out-of-domain banks, 0.75 in-domain); its k values larger than the query bank are dropped.
 DEFAULT_GRID = {
     "beta_query_bank": (5.0, 10.0, 20.0, 50.0, 100.0),
     "beta_gallery_bank": (0.5, 1.0, 3.0, 10.0),
     "tau": (0.01, 0.02, 0.05, 0.1),
+    "nnn_alpha": (0.25, 0.5, 0.75, 1.0),
+    "nnn_k": (1, 8, 16, 64),
 }
 # Which grid axes each method uses.
 METHOD_PARAMS = {
@@ -44,6 +47,7 @@ METHOD_PARAMS = {
     "dualdis": ("beta_query_bank", "beta_gallery_bank"),
     "sn": ("tau",),
     "dbsn": ("tau",),
+    "nnn": ("nnn_alpha", "nnn_k"),
 }
 
 
@@ -117,42 +121,70 @@ def apply_method(matrices: dict, method: str, params: dict) -> Tensor:
     )
 
 
-def _grid(method: str, grid: dict) -> list[dict]:
+def _grid(method: str, grid: dict, n_query_bank: int) -> list[dict]:
+    """Every combination of the method's grid axes; NNN's k is capped by the query bank's rows."""
     axes = METHOD_PARAMS[method]
-    return [dict(zip(axes, values)) for values in itertools.product(*(grid[a] for a in axes))]
+    candidates = [dict(zip(axes, values)) for values in itertools.product(*(grid[a] for a in axes))]
+    if "nnn_k" not in axes:
+        return candidates
+    fitting = [c for c in candidates if c["nnn_k"] <= n_query_bank]
+    # A bank smaller than every k: average over the whole bank rather than fail.
+    return fitting or [c | {"nnn_k": n_query_bank} for c in candidates if c["nnn_k"] == min(grid["nnn_k"])]
 
 
-def _recall(scores: Tensor, direction: str, caption_to_video: Tensor) -> tuple[float, float]:
+def _recall(scores: Tensor, direction: str, caption_to_video: Tensor, v2t_protocol: str) -> tuple[float, float]:
     """(R@1, R@5) of one direction's [queries, gallery] scores."""
     as_t2v = scores if direction == "t2v" else scores.t()  # retrieval_metrics takes [captions, videos]
-    report = retrieval_metrics(as_t2v, caption_to_video)[direction]
+    report = retrieval_metrics(as_t2v, caption_to_video, v2t_protocol=v2t_protocol)[direction]
     return report["R@1"], report["R@5"]
 
 
-def select_parameters(val: dict, caption_to_video: Tensor, methods: list[str], grid: dict | None = None) -> dict:
-    """Grid-searches each method's β/τ on the validation matrices, per direction, by R@1 (then R@5).
+def select_parameters(
+    val: dict,
+    caption_to_video: Tensor,
+    methods: list[str],
+    grid: dict | None = None,
+    v2t_protocol: str = "best_caption",
+) -> dict:
+    """Grid-searches each method's parameters on the validation matrices, per direction, by R@1 (then R@5).
+
+    Args:
+        val: the validation split's :func:`split_matrices`.
+        caption_to_video: [Nt] video index of each validation caption.
+        methods: names from ``hubness.METHODS``.
+        grid: axes that replace those of :data:`DEFAULT_GRID` (the others keep their defaults).
+        v2t_protocol: the multi-caption video-to-text ranking the v2t recalls use (``metrics.V2T_PROTOCOLS``).
 
     Returns:
         {method: {"t2v": params, "v2t": params}}; the test split is never looked at.
     """
-    grid = grid or DEFAULT_GRID
+    grid = DEFAULT_GRID | (grid or {})
     caption_to_video = caption_to_video.to(val["t2v"]["sim"].device)
     chosen: dict = {}
     for method in methods:
         chosen[method] = {}
         for direction in ("t2v", "v2t"):
-            candidates = _grid(method, grid)
+            candidates = _grid(method, grid, val[direction]["query_bank"].shape[0])
             scored = [
-                (_recall(apply_method(val[direction], method, p), direction, caption_to_video), p) for p in candidates
+                (_recall(apply_method(val[direction], method, p), direction, caption_to_video, v2t_protocol), p)
+                for p in candidates
             ]
             chosen[method][direction] = max(scored, key=lambda item: item[0])[1]
     return chosen
 
 
 def normalized_report(
-    test: dict, caption_to_video: Tensor, methods: list[str], params: dict, k: int = 10
+    test: dict,
+    caption_to_video: Tensor,
+    methods: list[str],
+    params: dict,
+    k: int = 10,
+    v2t_protocol: str = "best_caption",
 ) -> tuple[dict, dict]:
     """Applies every method with its selected parameters to the test matrices.
+
+    Args:
+        v2t_protocol: the multi-caption video-to-text ranking (``metrics.V2T_PROTOCOLS``).
 
     Returns:
         (rows {method: {"t2v": metrics, "v2t": metrics}}, counts {direction: {method: k-occurrence [G]}}).
@@ -165,7 +197,7 @@ def normalized_report(
     k = effective_k(k, test["t2v"]["sim"].shape)
     for method in methods:
         scores = {d: apply_method(test[d], method, params.get(method, {}).get(d, {})) for d in ("t2v", "v2t")}
-        rows[method] = direction_report_pair(scores["t2v"], scores["v2t"], caption_to_video, k=k)
+        rows[method] = direction_report_pair(scores["t2v"], scores["v2t"], caption_to_video, k, v2t_protocol)
         for direction in ("t2v", "v2t"):
             counts[direction][method] = k_occurrence(scores[direction], k=k).cpu()
     return rows, counts

@@ -27,7 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from neighborretr.eval.metrics import COLUMNS, retrieval_metrics
+from neighborretr.eval.metrics import COLUMNS, rank_metrics, retrieval_metrics, t2v_ranks, v2t_ranks
 
 HUBNESS_KEYS = ("skewness", "hub_occurrence", "antihub_occurrence")
 DIRECTIONS = ("t2v", "v2t")
@@ -143,20 +143,24 @@ def hubness_report(scores: Tensor, k: int = 10, hub_factor: float = 2.0) -> dict
     }
 
 
-def direction_report(sim: Tensor, caption_to_video: Tensor, k: int = 10) -> dict[str, dict[str, float]]:
+def direction_report(
+    sim: Tensor, caption_to_video: Tensor, k: int = 10, v2t_protocol: str = "best_caption"
+) -> dict[str, dict[str, float]]:
     """R@K, ranks and hubness of both directions of one caption-by-video matrix.
 
     Args:
         sim: [Nt, Nv] scores; row i is caption i, column j is video j.
         caption_to_video: [Nt] int index of each caption's video; every video needs at least one caption.
         k: neighbourhood size of the hubness figures.
+        v2t_protocol: the multi-caption video-to-text ranking (``metrics.V2T_PROTOCOLS``); the hubness figures
+            always count captions.
 
     Returns:
         ``{"t2v": ..., "v2t": ...}``, each with R@1, R@5, R@10, MdR, MnR (:func:`retrieval_metrics`) and the
         keys of :func:`hubness_report`. t2v counts videos over caption rows; v2t counts captions over video rows
         (``sim`` transposed).
     """
-    ranks = retrieval_metrics(sim, caption_to_video)
+    ranks = retrieval_metrics(sim, caption_to_video, v2t_protocol=v2t_protocol)
     return {
         "t2v": {**ranks["t2v"], **hubness_report(sim, k)},
         "v2t": {**ranks["v2t"], **hubness_report(sim.T, k)},
@@ -164,7 +168,7 @@ def direction_report(sim: Tensor, caption_to_video: Tensor, k: int = 10) -> dict
 
 
 def direction_report_pair(
-    sim_t2v: Tensor, sim_v2t: Tensor, caption_to_video: Tensor, k: int = 10
+    sim_t2v: Tensor, sim_v2t: Tensor, caption_to_video: Tensor, k: int = 10, v2t_protocol: str = "best_caption"
 ) -> dict[str, dict[str, float]]:
     """Like :func:`direction_report`, but each direction is scored on its own (e.g. differently normalised) matrix.
 
@@ -173,6 +177,7 @@ def direction_report_pair(
         sim_v2t: [Nv, Nt] video-to-text scores; row j is video j.
         caption_to_video: [Nt] int index of each caption's video; every video needs at least one caption.
         k: neighbourhood size of the hubness figures.
+        v2t_protocol: the multi-caption video-to-text ranking (``metrics.V2T_PROTOCOLS``).
 
     Returns:
         ``{"t2v": ..., "v2t": ...}`` as in :func:`direction_report`.
@@ -183,9 +188,8 @@ def direction_report_pair(
             f"got {tuple(sim_v2t.shape)}"
         )
     # A v2t rank depends only on its own row, so the [Nt, Nv] view of sim_v2t gives the v2t ranks of that matrix.
-    # Each call also computes the unused direction; that costs one extra pass over the matrix, not extra memory.
-    t2v = retrieval_metrics(sim_t2v, caption_to_video)["t2v"]
-    v2t = retrieval_metrics(sim_v2t.T, caption_to_video)["v2t"]
+    t2v = rank_metrics(t2v_ranks(sim_t2v, caption_to_video))
+    v2t = rank_metrics(v2t_ranks(sim_v2t.T, caption_to_video, protocol=v2t_protocol))
     return {
         "t2v": {**t2v, **hubness_report(sim_t2v, k)},
         "v2t": {**v2t, **hubness_report(sim_v2t, k)},

@@ -3,9 +3,20 @@
 Tie rule: the 0-based rank of a query is the number of *negative* gallery items whose score is ``>=`` the best
 score among the query's *positive* items. Ties therefore count against the query (pessimistic), the result is
 deterministic and independent of the gallery order, and an all-equal row gets the worst rank instead of a
-spurious R@1. With several positives the best one counts, which is how "a video's rank is its best caption's
-rank" is computed for video-to-text. (The official ``compute_metrics`` matches ties by float equality, which
-is order dependent and can emit several ranks for one row; the two rules agree whenever there are no ties.)
+spurious R@1. (The official ``compute_metrics`` matches ties by float equality, which is order dependent and can
+emit several ranks for one row; the two rules agree whenever there are no ties.)
+
+Video-to-text with several captions per video (MSVD) has two protocols (:data:`V2T_PROTOCOLS`):
+
+* ``"best_caption"`` (default, published): the CLIP4Clip protocol that the official code uses
+  (``tensor_video_to_text_sim``). Each video u's captions are collapsed into one gallery entry scored by its best
+  caption, ``g(v, u) = max_{c of u} s(c, v)``, and video v is ranked among the V entries: its rank counts the
+  *other videos* u whose best caption scores ``>= g(v, v)``.
+* ``"all_captions"``: every caption is a gallery item; video v's rank counts every *caption* of another video
+  scoring ``>=`` v's best caption. Two captions of one wrong video both count, so ranks are ``>=`` those of
+  ``best_caption`` (R@K lower or equal, MnR higher or equal); not comparable to published numbers.
+
+With one caption per video the two are identical.
 
 Ranks are computed in row chunks, so the extra memory is O(chunk_size * G) on top of the matrix itself.
 """
@@ -20,6 +31,7 @@ from torch import Tensor
 
 RECALL_KS = (1, 5, 10)
 COLUMNS = ("R@1", "R@5", "R@10", "MdR", "MnR")
+V2T_PROTOCOLS = ("best_caption", "all_captions")
 
 # (start, stop) of a block of query rows -> their BoolTensor [stop - start, G] of positives
 PositivesFn = Callable[[int, int], Tensor]
@@ -65,6 +77,12 @@ def _block_ranks(scores: Tensor, pos: Tensor) -> Tensor:
     return ((scores >= best) & ~pos).sum(dim=1)
 
 
+def check_v2t_protocol(protocol: str) -> None:
+    """Raise ``ValueError`` unless ``protocol`` is one of :data:`V2T_PROTOCOLS`."""
+    if protocol not in V2T_PROTOCOLS:
+        raise ValueError(f"v2t_protocol must be one of {', '.join(V2T_PROTOCOLS)}, got {protocol!r}")
+
+
 def _check_sim(sim: Tensor) -> None:
     if sim.ndim != 2:
         raise ValueError(f"sim must be a 2-D [queries, gallery] matrix, got shape {tuple(sim.shape)}")
@@ -102,26 +120,84 @@ def rank_metrics(ranks: Tensor) -> dict[str, float]:
     return metrics
 
 
-def retrieval_metrics(sim: Tensor, caption_to_video: Tensor, chunk_size: int = 1024) -> dict[str, dict[str, float]]:
+def retrieval_metrics(
+    sim: Tensor, caption_to_video: Tensor, chunk_size: int = 1024, v2t_protocol: str = "best_caption"
+) -> dict[str, dict[str, float]]:
     """Text-to-video and video-to-text metrics of a caption-by-video similarity matrix.
 
     Args:
         sim: [Nt, Nv] scores; row i is caption i, column j is video j.
         caption_to_video: [Nt] int index of each caption's video; every video needs at least one caption.
         chunk_size: number of query rows processed at once in each direction.
+        v2t_protocol: how a video is ranked against several captions per video, one of :data:`V2T_PROTOCOLS`
+            (see the module docstring); irrelevant with one caption per video.
 
     Returns:
         ``{"t2v": ..., "v2t": ...}``, each the dict of :func:`rank_metrics`. For t2v a caption's only positive
-        is its video; for v2t the queries are the videos (``sim`` transposed) and a video's positives are all
-        its captions, so its rank is the rank of its best caption.
+        is its video; for v2t the queries are the videos (``sim`` transposed), ranked by ``v2t_protocol``.
+    """
+    check_v2t_protocol(v2t_protocol)
+    t2v = t2v_ranks(sim, caption_to_video, chunk_size)
+    return {"t2v": rank_metrics(t2v), "v2t": rank_metrics(v2t_ranks(sim, caption_to_video, chunk_size, v2t_protocol))}
+
+
+def t2v_ranks(sim: Tensor, caption_to_video: Tensor, chunk_size: int = 1024) -> Tensor:
+    """[Nt] 0-based text-to-video rank of each caption (its only positive is its video).
+
+    Args:
+        sim: [Nt, Nv] caption-by-video scores.
+        caption_to_video: [Nt] video index of each caption (every video needs one).
+        chunk_size: captions processed at once.
     """
     _check_sim(sim)
     video_of = _check_caption_to_video(caption_to_video, sim.shape).to(sim.device)
     videos = torch.arange(sim.shape[1], device=sim.device)
-    # Masks are built per chunk, so neither direction allocates a full [Nt, Nv] bool matrix.
-    t2v = _chunked_ranks(sim, lambda a, b: video_of[a:b, None] == videos[None, :], chunk_size)
-    v2t = _chunked_ranks(sim.T, lambda a, b: videos[a:b, None] == video_of[None, :], chunk_size)
-    return {"t2v": rank_metrics(t2v), "v2t": rank_metrics(v2t)}
+    # Masks are built per chunk, so no full [Nt, Nv] bool matrix is allocated.
+    return _chunked_ranks(sim, lambda a, b: video_of[a:b, None] == videos[None, :], chunk_size)
+
+
+def v2t_ranks(sim: Tensor, caption_to_video: Tensor, chunk_size: int = 1024, protocol: str = "best_caption") -> Tensor:
+    """[Nv] 0-based video-to-text rank of each video under ``protocol`` (module docstring).
+
+    Args:
+        sim: [Nt, Nv] caption-by-video scores.
+        caption_to_video: [Nt] video index of each caption (every video needs one).
+        chunk_size: videos processed at once; ``best_caption`` then needs O(Nt * chunk_size) extra memory.
+        protocol: one of :data:`V2T_PROTOCOLS`.
+    """
+    check_v2t_protocol(protocol)
+    _check_sim(sim)
+    video_of = _check_caption_to_video(caption_to_video, sim.shape).to(sim.device)
+    videos = torch.arange(sim.shape[1], device=sim.device)
+    if protocol == "all_captions":
+        return _chunked_ranks(sim.T, lambda a, b: videos[a:b, None] == video_of[None, :], chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ranks = [torch.empty(0, dtype=torch.long, device=sim.device)]
+    for start in range(0, sim.shape[1], chunk_size):
+        block = best_caption_scores(sim[:, start : start + chunk_size], video_of)  # [C, Nv]
+        own = videos[start : start + block.shape[0], None] == videos[None, :]
+        _check_chunk(block, own, start)
+        ranks.append(_block_ranks(block, own))
+    return torch.cat(ranks)
+
+
+def best_caption_scores(sim: Tensor, caption_to_video: Tensor) -> Tensor:
+    """[C, Nv] score of each video query against each video's best caption (CLIP4Clip's v2t matrix).
+
+    Args:
+        sim: [Nt, C] scores of every caption against C query videos (columns of the full [Nt, Nv] matrix).
+        caption_to_video: [Nt] int64 video index of each caption, covering all Nv videos.
+
+    Returns:
+        ``out[v, u] = max over captions c of video u of sim[c, v]``.
+    """
+    n_video = int(caption_to_video.max()) + 1
+    index = caption_to_video[:, None].expand_as(sim)
+    groups = sim.new_empty(n_video, sim.shape[1])
+    # include_self=False: every group has a caption, so the uninitialised values never survive.
+    groups.scatter_reduce_(0, index, sim, reduce="amax", include_self=False)
+    return groups.T
 
 
 def _check_caption_to_video(caption_to_video: Tensor, shape: torch.Size) -> Tensor:

@@ -20,6 +20,7 @@ from neighborretr.eval.hubness_metrics import (
     k_occurrence,
     plot_k_occurrence,
 )
+from neighborretr.eval.metrics import check_v2t_protocol
 
 Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
 
@@ -41,12 +42,12 @@ def encode_bank(accelerator: Accelerator, model: nn.Module, loaders: Loaders, ca
     return features
 
 
-def _raw_report(model: nn.Module, test: dict, device: torch.device, k: int, chunk_size: int) -> dict:
+def _raw_report(model: nn.Module, test: dict, device: torch.device, k: int, chunk_size: int, v2t_protocol: str) -> dict:
     sim = score_split(model, test, device, chunk_size)
     c2v = test["caption_to_video"]
     k = effective_k(k, tuple(sim.shape))
     return {
-        "rows": {"none": direction_report_pair(sim, sim.t(), c2v, k=k)},
+        "rows": {"none": direction_report_pair(sim, sim.t(), c2v, k, v2t_protocol)},
         "params": {"none": {"t2v": {}, "v2t": {}}},
         "counts": {"t2v": {"none": k_occurrence(sim, k=k)}, "v2t": {"none": k_occurrence(sim.t(), k=k)}},
     }
@@ -63,30 +64,33 @@ def evaluate_report(
     k: int = 10,
     chunk_size: int = 256,
     grid: dict | None = None,
+    v2t_protocol: str = "best_caption",
 ) -> dict:
     """Scores a split raw and with each method in `methods`.
 
     Methods other than "none" need the training-split banks (`bank_loaders`) and a validation split
-    (`val_loaders`) on which their β/τ are chosen; the test split is only scored with the chosen values.
+    (`val_loaders`) on which their parameters are chosen; the test split is only scored with the chosen values.
+    `v2t_protocol` is the multi-caption video-to-text ranking (`metrics.V2T_PROTOCOLS`), used for selection too.
 
     Returns:
         {"rows": {method: {"t2v": metrics, "v2t": metrics}}, "params": {method: {direction: {...}}},
          "counts": {direction: {method: k-occurrence [G]}}}.
     """
+    check_v2t_protocol(v2t_protocol)  # before any encoding
     unwrapped = accelerator.unwrap_model(model)
     device = accelerator.device
     test = encode_split(accelerator, model, *test_loaders)
     if all(m == "none" for m in methods):
-        return _raw_report(unwrapped, test, device, k, chunk_size)
+        return _raw_report(unwrapped, test, device, k, chunk_size, v2t_protocol)
     if val_loaders is None or bank_loaders is None:
         raise ValueError("hubness normalisation needs a validation split and training-split banks")
     bank = encode_bank(accelerator, model, bank_loaders, bank_cache)
     val = encode_split(accelerator, model, *val_loaders)
     with torch.no_grad():
         val_matrices = split_matrices(unwrapped, val, bank, device, chunk_size)
-        params = select_parameters(val_matrices, val["caption_to_video"], methods, grid)
+        params = select_parameters(val_matrices, val["caption_to_video"], methods, grid, v2t_protocol)
         test_matrices = split_matrices(unwrapped, test, bank, device, chunk_size)
-        rows, counts = normalized_report(test_matrices, test["caption_to_video"], methods, params, k=k)
+        rows, counts = normalized_report(test_matrices, test["caption_to_video"], methods, params, k, v2t_protocol)
     return {"rows": rows, "params": params, "counts": counts}
 
 

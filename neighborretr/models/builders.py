@@ -25,6 +25,7 @@ def tiny(
     cluster_k: int = 3,
     global_pool: str = "weighted",
     normalize_global: bool = False,
+    temporal_ln_eps: float = 1e-5,
 ) -> RetrievalModel:
     """A small random model for CPU runs: both towers `width` wide and `layers` deep. `high_level` builds
     NeighborRetr's token-merging global level (needed by the NeighborRetr loss). The tiny towers are random, so
@@ -54,6 +55,7 @@ def tiny(
         cluster_k=cluster_k,
         global_pool=global_pool,
         normalize_global=normalize_global,
+        temporal_ln_eps=temporal_ln_eps,
     )
 
 
@@ -71,6 +73,7 @@ def open_clip_model(
     cluster_k: int = 3,
     global_pool: str = "weighted",
     normalize_global: bool = False,
+    temporal_ln_eps: float = 1e-5,
 ) -> RetrievalModel:
     """Any open_clip CLIP architecture (ViT-B-32, ViT-B-16, ViT-L-14, ...), random or pretrained.
 
@@ -92,4 +95,5 @@ def open_clip_model(
         cluster_k=cluster_k,
         global_pool=global_pool,
         normalize_global=normalize_global,
+        temporal_ln_eps=temporal_ln_eps,
     )

@@ -19,7 +19,8 @@ class RetrievalModel(nn.Module):
     """Text-video retrieval model (the low level of NeighborRetr, spec §1.2-1.5).
 
     Holds no loss, optimiser, memory bank or rank logic. `clip` is kept as a direct attribute so parameter names
-    start with "clip." (the optimiser's backbone group).
+    start with "clip." (the optimiser's backbone group). `temporal_ln_eps` is the temporal transformer's LayerNorm
+    epsilon (CLIP's 1e-5; the official code's 1e-12 for parity, spec §9.21).
     """
 
     def __init__(
@@ -36,13 +37,16 @@ class RetrievalModel(nn.Module):
         cluster_k: int = 3,
         global_pool: str = "weighted",
         normalize_global: bool = False,
+        temporal_ln_eps: float = 1e-5,
     ):
         super().__init__()
         self.clip = clip
         dim = embed_dim(clip)
         text_width, text_heads = text_tower_shape(clip)
         heads = text_heads if text_width == dim else max(1, dim // 64)
-        self.temporal = TemporalTransformer(dim, temporal_layers, heads, max_frames, quick_gelu=quick_gelu)
+        self.temporal = TemporalTransformer(
+            dim, temporal_layers, heads, max_frames, quick_gelu=quick_gelu, ln_eps=temporal_ln_eps
+        )
         self.temporal_initialised_from_text = init_temporal_from_text and self.temporal.init_from_text_tower(clip)
         self.sim_head = TokenSimilarity(dim)
         self.high_level = high_level

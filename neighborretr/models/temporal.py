@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import open_clip
 import torch
-from open_clip.transformer import QuickGELU, Transformer
+from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 
 # Added to attention logits of padded frames; finite so that fp16/bf16 stay NaN-free.
@@ -14,17 +16,34 @@ _MASKED = -1e4
 class TemporalTransformer(nn.Module):
     """Frame features + frame position embeddings -> pre-LN transformer -> residual to the input.
 
-    Width and heads are arguments (read from the backbone by the builder), never fixed.
+    Width and heads are arguments (read from the backbone by the builder), never fixed. ``ln_eps`` is the epsilon
+    of every LayerNorm in the blocks: 1e-5 is CLIP's (whose text-tower weights initialise them); the official
+    code's copy uses the TF-style 1e-12 (spec §9.21), a parity switch.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, max_frames: int = 77, quick_gelu: bool = True):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        max_frames: int = 77,
+        quick_gelu: bool = True,
+        ln_eps: float = 1e-5,
+    ):
         super().__init__()
         if layers < 1 or max_frames < 1:
             raise ValueError(f"model.temporal_layers={layers} and model.max_frames={max_frames} must be >= 1")
+        if not ln_eps > 0:
+            raise ValueError(f"model.temporal_ln_eps={ln_eps} must be > 0")
         self.heads = heads
         self.frame_position_embeddings = nn.Embedding(max_frames, width)
         self.transformer = Transformer(
-            width, layers, heads, act_layer=QuickGELU if quick_gelu else nn.GELU, batch_first=True
+            width,
+            layers,
+            heads,
+            act_layer=QuickGELU if quick_gelu else nn.GELU,
+            norm_layer=functools.partial(LayerNorm, eps=ln_eps),
+            batch_first=True,
         )
         nn.init.normal_(self.frame_position_embeddings.weight, std=0.02)
 

@@ -37,6 +37,7 @@ ALTERNATIVES = {
     "global_pool": "mean",
     "text_ratios": [0.5, 0.25],
     "video_ratios": [0.5, 0.5],
+    "temporal_ln_eps": 1e-12,  # the official code's value (parity switch)
 }
 
 

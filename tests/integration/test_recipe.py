@@ -221,6 +221,8 @@ def test_evaluating_a_moved_dataset_follows_the_saved_unresolved_config(tiny_syn
         ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
         ("data.rand_augment=foo", "data.rand_augment='foo'"),
         ("model.temporal_layers=0", "model.temporal_layers=0"),
+        ("model.temporal_ln_eps=0", "model.temporal_ln_eps=0 must be > 0"),
+        ("eval.v2t_protocol=best", "eval.v2t_protocol='best': choose best_caption or all_captions"),
         ("run_name=123", "run_name=123: expected a string (to pass a number as a string, quote it"),
     ],
 )

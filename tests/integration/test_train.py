@@ -76,9 +76,10 @@ def test_train_then_evaluate_with_wandb_offline(tiny_synthetic, tmp_path):
     assert len(list((run / "checkpoints").glob("step_*"))) == 2  # keep_checkpoints
 
     # every normalisation is reported for both directions, with its β/τ chosen on the validation split
-    methods = {"none", "is", "dis", "dualis", "dualdis", "sn", "dbsn"}
+    methods = {"none", "is", "dis", "dualis", "dualdis", "sn", "dbsn", "nnn"}
     assert set(results["normalized"]) == methods and set(results["normalization_params"]) == methods
     assert results["normalization_params"]["dualis"]["t2v"].keys() == {"beta_query_bank", "beta_gallery_bank"}
+    assert results["normalization_params"]["nnn"]["v2t"].keys() == {"nnn_alpha", "nnn_k"}
     assert (run / "test_k_occurrence_t2v.png").read_bytes()[:4] == b"\x89PNG"
     (cache,) = (run / "best").glob("bank_features_*.pt")
     cached_at = cache.stat().st_mtime_ns

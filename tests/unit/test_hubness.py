@@ -18,6 +18,7 @@ from neighborretr.eval.hubness import (
     bank_stats,
     check_cosine_scale,
     embedding_blocks,
+    nnn_bias,
     normalize,
     normalize_scores,
     sinkhorn_potentials,
@@ -27,6 +28,7 @@ from neighborretr.eval.hubness import (
 
 N_QUERY, N_GALLERY, N_QUERY_BANK, N_GALLERY_BANK, DIM = 40, 30, 50, 35, 16
 BETA_Q, BETA_G, TAU, ITERS = 20.0, 3.0, 0.05, 10
+NNN_ALPHA, NNN_K = 0.6, 5
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -110,6 +112,15 @@ def ref_sinkhorn(bank: np.ndarray, tau: float, iters: int, first_update: str = "
     return tau * np.log(v)
 
 
+def ref_nnn(s: np.ndarray, bank: np.ndarray, alpha: float, k: int) -> np.ndarray:
+    """Plain loops: each gallery item's bias is alpha times the mean of its k best reference-query scores."""
+    bias = []
+    for g in range(bank.shape[1]):
+        column = sorted((float(bank[r, g]) for r in range(bank.shape[0])), reverse=True)
+        bias.append(alpha * sum(column[:k]) / k)
+    return np.array([[s[q, g] - bias[g] for g in range(s.shape[1])] for q in range(s.shape[0])])
+
+
 def reference(method: str, m: dict[str, np.ndarray], gate_mode: str = "per_factor") -> np.ndarray:
     s, qb, gb = m["test"], m["query_bank"], m["gallery_bank"]
     if method == "none":
@@ -124,12 +135,15 @@ def reference(method: str, m: dict[str, np.ndarray], gate_mode: str = "per_facto
         return ref_dualdis(s, qb, gb, gate_mode)
     if method == "sn":
         return s + ref_sinkhorn(qb, TAU, ITERS)[None, :]
+    if method == "nnn":
+        return ref_nnn(s, qb, NNN_ALPHA, NNN_K)
     h = ref_sinkhorn(np.concatenate([qb, m["query_gallery_bank"]], axis=1), TAU, ITERS)
     return s + h[None, : s.shape[1]]
 
 
 def run(method: str, t: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
-    params = {"beta_query_bank": BETA_Q, "beta_gallery_bank": BETA_G, "tau": TAU, "sinkhorn_iters": ITERS} | kwargs
+    params = {"beta_query_bank": BETA_Q, "beta_gallery_bank": BETA_G, "tau": TAU, "sinkhorn_iters": ITERS}
+    params |= {"nnn_alpha": NNN_ALPHA, "nnn_k": NNN_K} | kwargs
     banks = {name: t[name] for name in ("query_bank", "gallery_bank", "query_gallery_bank")}
     return normalize(t["test"], method, **banks, **params)
 
@@ -242,6 +256,19 @@ def test_sinkhorn_converges_to_uniform_marginals(t):
     torch.testing.assert_close(plan.sum(dim=0), torch.full((N_GALLERY,), 1.0 / N_GALLERY, dtype=plan.dtype))
 
 
+def test_nnn_equals_the_loop_reference_and_scores_one_query_at_a_time(mats, t):
+    expected = torch.from_numpy(ref_nnn(mats["test"], mats["query_bank"], NNN_ALPHA, NNN_K))
+    whole = run("nnn", t)
+    torch.testing.assert_close(whole, expected, rtol=0, atol=1e-12)  # the scores themselves, not only the order
+    bias = nnn_bias(t["query_bank"], None, NNN_ALPHA, NNN_K, chunk_size=3)  # top-k kept across bank blocks
+    one_by_one = torch.cat([normalize_scores(t["test"][q : q + 1], "nnn", bias=bias) for q in range(N_QUERY)])
+    torch.testing.assert_close(one_by_one, whole, rtol=0, atol=1e-12)
+    # k = 1 subtracts alpha times each item's best reference score; alpha = 0 is the raw matrix.
+    top1 = t["query_bank"].max(dim=0).values
+    torch.testing.assert_close(nnn_bias(t["query_bank"], None, 0.5, 1, chunk_size=7), 0.5 * top1)
+    torch.testing.assert_close(run("nnn", t, nnn_alpha=0.0), t["test"])
+
+
 # ---------------------------------------------------------------------------------------- streaming, sources
 
 
@@ -352,6 +379,12 @@ def test_validation_errors(t):
         normalize_scores(t["test"], "dualis", query_stats=stats)
     with pytest.raises(ValueError, match="needs potentials"):
         normalize_scores(t["test"], "sn")
+    with pytest.raises(ValueError, match="needs bias"):
+        normalize_scores(t["test"], "nnn")
+    with pytest.raises(ValueError, match=r"nnn k must be in \[1, 50\]"):
+        normalize(t["test"], "nnn", query_bank=t["query_bank"], nnn_k=51)
+    with pytest.raises(ValueError, match="nnn alpha"):
+        nnn_bias(t["query_bank"], None, -1.0, 2)
     with pytest.raises(ValueError, match="gallery columns"):
         normalize_scores(t["test"][:, :20], "is", query_stats=stats)
     with pytest.raises(ValueError, match="potentials has shape"):

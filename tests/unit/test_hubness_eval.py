@@ -3,6 +3,7 @@ import torch
 
 from neighborretr.eval.hubness_eval import (
     METHOD_PARAMS,
+    _grid,
     intra_similarity,
     normalized_report,
     pooled_tokens,
@@ -68,6 +69,7 @@ def test_selection_uses_only_validation_and_report_has_every_method(model):
     params = select_parameters(val, c2v, methods, grid)
     assert params["dualis"]["t2v"]["beta_query_bank"] in (10.0, 50.0)
     assert params["none"]["t2v"] == {} and params["sn"]["v2t"] == {"tau": 0.05}
+    assert params["nnn"]["t2v"]["nnn_k"] in (1, 8)  # the default grid's 16 and 64 exceed the 9-caption bank
     rows, counts = normalized_report(val, c2v, methods, params, k=2)
     assert set(rows) == set(methods)
     for method in methods:
@@ -76,3 +78,40 @@ def test_selection_uses_only_validation_and_report_has_every_method(model):
         assert int(counts["t2v"][method].sum()) == 2 * 6  # k · queries
     with pytest.raises(ValueError, match="unknown normalisation"):
         normalized_report(val, c2v, ["nope"], params)
+
+
+def test_nnn_grid_caps_k_by_the_query_bank():
+    grid = {"nnn_alpha": (0.5, 1.0), "nnn_k": (4, 16)}
+    assert _grid("nnn", grid, 100) == [{"nnn_alpha": a, "nnn_k": k} for a in (0.5, 1.0) for k in (4, 16)]
+    assert _grid("nnn", grid, 10) == [{"nnn_alpha": 0.5, "nnn_k": 4}, {"nnn_alpha": 1.0, "nnn_k": 4}]
+    # a bank smaller than every k: the whole bank is averaged
+    assert _grid("nnn", grid, 3) == [{"nnn_alpha": 0.5, "nnn_k": 3}, {"nnn_alpha": 1.0, "nnn_k": 3}]
+
+
+def test_v2t_protocol_reaches_the_report():
+    # caption_to_video [0, 0, 1, 1, 2]; by hand (tests/unit/test_metrics.py) the v2t ranks are [1, 2, 2] with
+    # best_caption and [2, 2, 3] with all_captions.
+    sim = torch.tensor([[0.5, 0.9, 0.3], [0.2, 0.1, 0.25], [0.7, 0.3, 0.1], [0.6, 0.8, 0.2], [0.4, 0.85, 0.2]])
+    c2v = torch.tensor([0, 0, 1, 1, 2])
+    banks = dict.fromkeys(("query_bank", "gallery_bank", "query_gallery_bank"))
+    matrices = {"t2v": {"sim": sim, **banks}, "v2t": {"sim": sim.t(), **banks}}
+    mnr = {}
+    for protocol in ("best_caption", "all_captions"):
+        rows, _ = normalized_report(matrices, c2v, ["none"], {}, k=1, v2t_protocol=protocol)
+        mnr[protocol] = rows["none"]["v2t"]["MnR"]
+    assert mnr == pytest.approx({"best_caption": 8 / 3, "all_captions": 10 / 3})
+
+
+def test_the_recipe_evaluator_passes_eval_v2t_protocol(monkeypatch):
+    from omegaconf import OmegaConf
+
+    import neighborretr_train.common as common
+
+    seen = {}
+    monkeypatch.setattr(common, "evaluate_report", lambda *args, **kwargs: seen.update(kwargs))
+    for protocol in ("all_captions", "best_caption"):
+        cfg = OmegaConf.create({"normalizations": ["none"], "k": 3, "chunk_size": 8, "v2t_protocol": protocol})
+        evaluator = common.Evaluator(accelerator=None, data=None, eval_cfg=cfg, records={})
+        evaluator.loaders = {"val": ("captions", "videos")}
+        evaluator(model=None, split="val")
+        assert seen["v2t_protocol"] == protocol

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from neighborretr.eval.metrics import format_table, positive_ranks, rank_metrics, retrieval_metrics
+from neighborretr.eval.metrics import (
+    V2T_PROTOCOLS,
+    format_table,
+    positive_ranks,
+    rank_metrics,
+    retrieval_metrics,
+    v2t_ranks,
+)
 
 SIM_4X4 = torch.tensor(
     [
@@ -16,7 +23,7 @@ SIM_4X4 = torch.tensor(
 
 
 def reference_ranks(sim, caption_to_video):
-    """Plain loop: t2v and v2t 0-based ranks under the 'negatives >= best positive' rule."""
+    """Plain loop: t2v and all_captions v2t 0-based ranks under the 'negatives >= best positive' rule."""
     n_text, n_video = sim.shape
     t2v, v2t = [], []
     for i in range(n_text):
@@ -27,6 +34,17 @@ def reference_ranks(sim, caption_to_video):
         best = max(float(sim[i, v]) for i in caps)
         v2t.append(sum(float(sim[i, v]) >= best for i in range(n_text) if i not in caps))
     return torch.tensor(t2v), torch.tensor(v2t)
+
+
+def reference_best_caption_ranks(sim, caption_to_video):
+    """Plain loop of CLIP4Clip's multi-caption v2t: a video against each video's best caption, other videos
+    scoring >= its own best caption count against it."""
+    n_text, n_video = sim.shape
+    ranks = []
+    for v in range(n_video):
+        best = [max(float(sim[i, v]) for i in range(n_text) if caption_to_video[i] == u) for u in range(n_video)]
+        ranks.append(sum(best[u] >= best[v] for u in range(n_video) if u != v))
+    return torch.tensor(ranks)
 
 
 def test_identity_is_perfect():
@@ -71,7 +89,7 @@ def test_multi_caption_v2t_uses_the_best_caption():
     # video 1's best caption scores 0.55, below caption 1's 0.6 -> 1 (its worse caption 0.2 is ignored)
     t2v, v2t = reference_ranks(sim, caption_to_video)
     assert t2v.tolist() == [0, 1, 0, 0, 1] and v2t.tolist() == [0, 1]
-    out = retrieval_metrics(sim, caption_to_video)
+    out = retrieval_metrics(sim, caption_to_video, v2t_protocol="all_captions")
     assert out["t2v"] == pytest.approx({"R@1": 60.0, "R@5": 100.0, "R@10": 100.0, "MdR": 1.0, "MnR": 1.4})
     assert out["v2t"] == pytest.approx({"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "MdR": 1.5, "MnR": 1.5})
 
@@ -92,8 +110,12 @@ def _random_case(seed, n_text=30, n_video=20, ties=False):
 def test_matches_python_loop_reference(ties):
     sim, caption_to_video = _random_case(seed=3, ties=ties)
     t2v, v2t = reference_ranks(sim, caption_to_video)
-    out = retrieval_metrics(sim, caption_to_video, chunk_size=7)
+    out = retrieval_metrics(sim, caption_to_video, chunk_size=7, v2t_protocol="all_captions")
     assert out == {"t2v": rank_metrics(t2v), "v2t": rank_metrics(v2t)}
+    best = reference_best_caption_ranks(sim, caption_to_video)
+    assert torch.equal(v2t_ranks(sim, caption_to_video, chunk_size=3, protocol="best_caption"), best)
+    assert retrieval_metrics(sim, caption_to_video, chunk_size=7)["v2t"] == rank_metrics(best)  # the default
+    assert (best <= v2t).all()  # collapsing a wrong video's captions can only lift a video's rank
     pos = caption_to_video[:, None] == torch.arange(sim.shape[1])[None, :]
     assert torch.equal(positive_ranks(sim, pos, chunk_size=4), t2v)
     assert torch.equal(positive_ranks(sim.T, pos.T, chunk_size=4), v2t)
@@ -106,6 +128,49 @@ def test_chunk_size_invariance():
     for chunk in (1, 3, 1024):
         assert torch.equal(positive_ranks(sim, pos, chunk_size=chunk), full)
         assert retrieval_metrics(sim, caption_to_video, chunk_size=chunk) == retrieval_metrics(sim, caption_to_video)
+        for protocol in V2T_PROTOCOLS:
+            assert torch.equal(
+                v2t_ranks(sim, caption_to_video, chunk, protocol), v2t_ranks(sim, caption_to_video, 1024, protocol)
+            )
+
+
+# caption_to_video [0, 0, 1, 1, 2]: rows are captions, columns videos.
+SIM_PROTOCOLS = torch.tensor(
+    [
+        [0.5, 0.9, 0.3],
+        [0.2, 0.1, 0.25],
+        [0.7, 0.3, 0.1],
+        [0.6, 0.8, 0.2],
+        [0.4, 0.85, 0.2],
+    ]
+)
+
+
+def test_v2t_protocols_by_hand():
+    c2v = torch.tensor([0, 0, 1, 1, 2])
+    # Video 0's best caption scores 0.5. all_captions: captions 2 (0.7) and 3 (0.6) of video 1 are above -> 2;
+    # best_caption: video 1's best caption 0.7 is above, video 2's 0.4 is not -> 1.
+    # Video 1's best is 0.8: caption 0 (0.9, video 0) and caption 4 (0.85, video 2) are above under both -> 2.
+    # Video 2's only caption scores 0.2. all_captions: 0.3, 0.25 (video 0) and the tied 0.2 (video 1) -> 3;
+    # best_caption: video 0's best 0.3 and video 1's best 0.2 (a tie counts against) -> 2.
+    assert v2t_ranks(SIM_PROTOCOLS, c2v, protocol="all_captions").tolist() == [2, 2, 3]
+    assert v2t_ranks(SIM_PROTOCOLS, c2v, protocol="best_caption").tolist() == [1, 2, 2]
+    published = retrieval_metrics(SIM_PROTOCOLS, c2v)["v2t"]
+    assert published == pytest.approx({"R@1": 0.0, "R@5": 100.0, "R@10": 100.0, "MdR": 3.0, "MnR": 8 / 3})
+    ours_before = retrieval_metrics(SIM_PROTOCOLS, c2v, v2t_protocol="all_captions")["v2t"]
+    assert ours_before == pytest.approx({"R@1": 0.0, "R@5": 100.0, "R@10": 100.0, "MdR": 3.0, "MnR": 10 / 3})
+    # t2v does not depend on the protocol
+    t2v = {p: retrieval_metrics(SIM_PROTOCOLS, c2v, v2t_protocol=p)["t2v"] for p in V2T_PROTOCOLS}
+    assert t2v["best_caption"] == t2v["all_captions"]
+
+
+def test_v2t_protocols_agree_with_one_caption_per_video():
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 3, (9, 9), generator=gen).float()  # many ties
+    c2v = torch.randperm(9, generator=gen)  # one caption per video, in any order
+    best = v2t_ranks(sim, c2v, chunk_size=4, protocol="best_caption")
+    assert torch.equal(best, v2t_ranks(sim, c2v, chunk_size=4, protocol="all_captions"))
+    assert torch.equal(best, reference_best_caption_ranks(sim, c2v))
 
 
 def test_rank_metrics_recall_boundaries_and_median():
@@ -137,6 +202,10 @@ def test_errors():
         positive_ranks(torch.zeros(2, 2), torch.eye(2, dtype=torch.bool), chunk_size=0)
     with pytest.raises(ValueError, match="non-empty"):
         rank_metrics(torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="v2t_protocol"):
+        retrieval_metrics(torch.zeros(3, 3), torch.arange(3), v2t_protocol="best")
+    with pytest.raises(ValueError, match="NaN"):
+        v2t_ranks(torch.tensor([[0.1, float("nan")], [0.2, 0.3]]), torch.tensor([0, 1]))
 
 
 def test_format_table():

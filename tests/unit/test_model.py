@@ -92,6 +92,27 @@ def test_temporal_transformer_initialised_from_text_tower():
     )
 
 
+def test_temporal_ln_eps_reaches_every_temporal_layernorm_and_changes_the_output():
+    ids, tmask, video, vmask = _batch()
+    models, outputs = {}, {}
+    for eps in (1e-5, 1e-12):
+        torch.manual_seed(0)
+        models[eps] = tiny(image_size=32, width=64, embed_dim=64, temporal_ln_eps=eps).eval()
+        with torch.no_grad():
+            outputs[eps] = models[eps].encode_video(video, vmask)
+    parity = models[1e-12]
+    temporal_norms = [m for m in parity.temporal.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(temporal_norms) == 2 * 2  # two per block, two blocks
+    assert all(m.eps == 1e-12 for m in temporal_norms)
+    clip_norms = [m for m in parity.clip.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert clip_norms and all(m.eps == 1e-5 for m in clip_norms)  # the backbone keeps CLIP's epsilon
+    state = models[1e-5].state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in parity.state_dict().items())  # same weights...
+    assert not torch.equal(outputs[1e-12], outputs[1e-5])  # ...another output
+    with pytest.raises(ValueError, match="temporal_ln_eps"):
+        tiny(image_size=32, width=64, embed_dim=64, temporal_ln_eps=0.0)
+
+
 @pytest.mark.parametrize("name,patches", [("ViT-B-32", 7)])
 def test_real_vit_b32_random_weights_shapes(name, patches):
     model = open_clip_model(name, pretrained=None, temporal_layers=4).eval()

@@ -119,6 +119,7 @@ def bad_inputs(sims):
     np.save(root / "gt_out.npy", np.arange(1, 13))
     np.save(root / "gt_short.npy", np.arange(11))
     np.save(root / "qgb_narrow.npy", files["query-gallery-bank"][:, :7].numpy())
+    np.save(root / "owner_orphan.npy", np.array([0, 0, 1, 1] * 3))  # queries 2..11 own no item
     return root
 
 
@@ -149,6 +150,14 @@ BAD = {
         "--query-gallery-bank has 7 columns but --gallery-bank has 20 rows",
     ),
     "logit without factor": (["--scale", "logit"], "need --logit-scale"),
+    "nnn-k above bank": (
+        ["--query-bank", "{root}/query-bank.npy", "--methods", "nnn", "--nnn-k", "31"],
+        "--nnn-k 31 is larger than the query bank (30 rows of --query-bank)",
+    ),
+    "negative nnn alpha": (["--nnn-alpha", "-1"], "--nnn-alpha must be a finite number >= 0"),
+    "gt and owner": (["--gt", "{root}/gt_short.npy", "--gallery-owner", "{root}/gt_short.npy"], "pass one"),
+    "owner orphans": (["--gallery-owner", "{root}/owner_orphan.npy"], "10 query row(s) own no gallery item (first: 2)"),
+    "owner length": (["--gallery-owner", "{root}/gt_short.npy"], "has 11 values, but --test has 12 gallery items"),
     "cosine bank declared logit": (
         ["--gallery-bank", "{root}/gallery-bank.npy", "--scale", "logit", "--logit-scale", "100"]
         + ["--test-scale", "cosine"],
@@ -225,3 +234,31 @@ def test_each_input_declares_its_scale(sims):
     assert rank_metrics(positive_ranks(dropped, torch.eye(12, dtype=torch.bool))) != rank_metrics(
         positive_ranks(kept, torch.eye(12, dtype=torch.bool))
     )
+
+
+def test_nnn_in_the_cli_matches_the_library(sims):
+    root, files = sims
+    rows = normalize_sims.main(_args(root, "--methods", "nnn", "--nnn-alpha", "0.5", "--nnn-k", "4", "--k", "3"))
+    scores = normalize(files["test"], "nnn", query_bank=files["query-bank"], nnn_alpha=0.5, nnn_k=4)
+    expected = rank_metrics(positive_ranks(scores, torch.eye(12, dtype=torch.bool)))
+    assert {key: rows["nnn"]["q2g"][key] for key in expected} == expected
+    default = normalize_sims.main(_args(root, "--methods", "nnn", "--k", "3"))  # alpha 0.75, k 16
+    assert default["nnn"]["q2g"] != rows["nnn"]["q2g"]
+
+
+def test_gallery_owner_ranks_multi_caption_queries_by_the_chosen_protocol(tmp_path):
+    # 3 videos (queries) x 5 captions, caption i belongs to video [0, 0, 1, 1, 2][i]; by hand
+    # (tests/unit/test_metrics.py) the ranks are [1, 2, 2] with best_caption and [2, 2, 3] with all_captions.
+    captions_by_video = np.array(
+        [[0.5, 0.9, 0.3], [0.2, 0.1, 0.25], [0.7, 0.3, 0.1], [0.6, 0.8, 0.2], [0.4, 0.85, 0.2]], np.float32
+    )
+    np.save(tmp_path / "v2t.npy", captions_by_video.T.copy())
+    np.save(tmp_path / "owner.npy", np.array([0, 0, 1, 1, 2]))
+    base = ["--test", str(tmp_path / "v2t.npy"), "--gallery-owner", str(tmp_path / "owner.npy"), "--k", "1"]
+    mnr = {}
+    for protocol in ("best_caption", "all_captions"):
+        rows = normalize_sims.main([*base, "--v2t-protocol", protocol, "--out", str(tmp_path / protocol)])
+        mnr[protocol] = rows["none"]["q2g"]["MnR"]
+    assert mnr == pytest.approx({"best_caption": 8 / 3, "all_captions": 10 / 3})
+    default = normalize_sims.main([*base, "--out", str(tmp_path / "default")])
+    assert default["none"]["q2g"]["MnR"] == pytest.approx(8 / 3)
