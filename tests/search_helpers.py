@@ -37,9 +37,9 @@ def copy_test_videos(synthetic: Path, folder: Path) -> list[str]:
 
 
 @torch.no_grad()
-def eval_features(model, synthetic: Path, split: str, video_ids: list[str] | None = None) -> dict:
-    """Features of a split as the evaluation encodes them (`VideoTextDataset`, uniform sampling)."""
-    records = parse_msrvtt(synthetic, split)
+def eval_features(model, synthetic: Path, split: str, video_ids: list[str] | None = None, records=None) -> dict:
+    """Features of a split (or of `records`) as the evaluation encodes them (`VideoTextDataset`, uniform sampling)."""
+    records = records if records is not None else parse_msrvtt(synthetic, split)
     texts = VideoTextDataset(records, synthetic / "videos", 16, 4, 32, load_video=False)
     first = list({r.video_id: r for r in reversed(records)}.values())
     if video_ids is not None:
