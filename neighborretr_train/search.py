@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm.auto import tqdm
 
 from neighborretr.search import (
     DEFAULT_DEPTH,
@@ -75,7 +76,7 @@ def sampling_of(run_cfg: DictConfig) -> Sampling:
 @torch.no_grad()
 def _encode_loader(loader, encode, key: str, head: nn.Module, device: torch.device) -> Encoded:
     parts = []
-    for batch in loader:
+    for batch in tqdm(loader, desc=f"encoding the {'query' if key == 'text' else 'gallery'} bank", unit="batch"):
         mask = batch[f"{key}_mask"].to(device)
         parts.append(summarize(encode(batch[key if key == "video" else "text_ids"].to(device), mask), mask, head))
     return concat([Encoded(p.tokens.cpu(), p.mask.cpu(), p.weights.cpu(), p.pooled.cpu()) for p in parts])
