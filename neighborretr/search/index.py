@@ -289,6 +289,10 @@ def load_index(folder: Path, fingerprint: str | None = None) -> SearchIndex:
     manifest = read_manifest(folder)
     if fingerprint is not None:
         check_fingerprint(manifest, fingerprint, folder)
+    if not manifest.items:
+        raise SearchIndexError(
+            f"{folder} holds no videos ({len(manifest.failed)} unreadable): index a folder with readable videos into it"
+        )
     features, _, arrays = read_arrays(folder)
     items = _encoded_from(features)
     if items is None or items.tokens.shape[0] != len(manifest.items):

@@ -185,6 +185,12 @@ def test_foreign_or_newer_index_is_refused(model, index_dir, gallery, tmp_path):
         load_index(copy, "model-a")
     with pytest.raises(FileNotFoundError, match="not a search index"):
         load_index(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "bad.mp4").write_bytes(b"")
+    update = build_index(tmp_path / "e", model, tmp_path / "empty", SAMPLING, "m", CPU, num_workers=0, progress=False)
+    assert (update.added, len(update.failed)) == (0, 1)
+    with pytest.raises(SearchIndexError, match="holds no videos"):
+        load_index(tmp_path / "e")
 
 
 def test_missing_statistics_and_unknown_methods_are_refused(model, gallery, tmp_path):
