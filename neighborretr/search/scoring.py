@@ -28,14 +28,20 @@ SEARCH_METHODS = tuple(METHOD_BANKS)
 BETA_KEYS = {"query": "beta_query_bank", "gallery": "beta_gallery_bank"}
 
 
+PAIR_BUDGET = 1 << 24  # entries of the [Q, chunk, L, T] token-pair tensor built at once (64 MB in float32)
+
+
 def token_scores(query: Encoded, items: Encoded, chunk_size: int = 4096) -> Tensor:
     """Token-wise similarity [Q, N] of encoded queries against encoded items, in item chunks.
 
     Args:
         query: tokens [Q, L, D] (unit), mask [Q, L], weights [Q, L].
         items: tokens [N, T, D] (unit, any float dtype), mask [N, T], weights [N, T].
-        chunk_size: items scored at once; memory is O(Q * chunk * L * T).
+        chunk_size: at most this many items at once; fewer when the [Q, chunk, L, T] pair tensor would exceed
+            `PAIR_BUDGET` entries (a bank of 512 captions scores ~100 items at a time, one query thousands).
     """
+    per_item = query.tokens.shape[0] * query.tokens.shape[1] * items.tokens.shape[1]
+    chunk_size = max(1, min(chunk_size, PAIR_BUDGET // max(1, per_item)))
     parts = []
     for start in range(0, items.tokens.shape[0], chunk_size):
         stop = start + chunk_size
