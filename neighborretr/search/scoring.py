@@ -78,29 +78,27 @@ def gallery_bank_block(bank_pooled: Tensor, items_pooled: Tensor) -> BlockFn:
 def bank_columns(block: BlockFn, n_bank: int, betas: list[float], k: int, chunk_size: int = 512) -> dict[str, Tensor]:
     """Bank statistics of a set of item columns, for later merging with other columns.
 
-    The normaliser ``Z`` of an item depends on its own column only, so it is `bank_stats`'s ``lse`` (one pass per
-    beta). The k-occurrence depends on every column (an item is counted when it is in a bank row's top-k of the
-    whole index), so each bank row's own top-k (scores and column positions) is kept and merged across updates.
+    The normaliser ``Z`` of an item depends on its own column only: `bank_stats`'s ``lse`` of each block of bank
+    rows, accumulated across blocks with ``logaddexp`` as `bank_stats` itself does, so every block (the costly
+    token-wise scores) is computed once for all betas. The k-occurrence depends on every column (an item counts
+    when it is in a bank row's top-k of the whole index), so each bank row's own top-k (scores and column
+    positions) is kept and merged across updates.
 
     Returns:
         {"lse@<beta>": [N] per beta, "top_scores": [n_bank, k'], "top_items": [n_bank, k']} with k' = min(k, N).
     """
-    out: dict[str, Tensor] = {}
-    tops: list[tuple[Tensor, Tensor]] = []
-
-    def recording(a: int, b: int) -> Tensor:
-        rows = block(a, b)
-        if not out:  # the first pass records each row's top-k
-            top = rows.topk(min(k, rows.shape[1]), dim=1)
-            tops.append((top.values.float(), top.indices))
-        return rows
-
-    for beta in betas:
-        stats = bank_stats(recording if not tops else block, n_bank, beta, 1, chunk_size)
-        out[f"lse@{beta!r}"] = stats.lse.float()
-    out["top_scores"] = torch.cat([t[0] for t in tops])
-    out["top_items"] = torch.cat([t[1] for t in tops])
-    return out
+    lse: dict[float, Tensor] = {}
+    top_scores, top_items = [], []
+    for start in range(0, n_bank, chunk_size):
+        rows = block(start, min(start + chunk_size, n_bank))
+        for beta in betas:
+            part = bank_stats(rows, None, beta, 1, chunk_size).lse
+            lse[beta] = part if beta not in lse else torch.logaddexp(lse[beta], part)
+        top = rows.topk(min(k, rows.shape[1]), dim=1)
+        top_scores.append(top.values.float())
+        top_items.append(top.indices)
+    out = {f"lse@{beta!r}": value.float() for beta, value in lse.items()}
+    return out | {"top_scores": torch.cat(top_scores), "top_items": torch.cat(top_items)}
 
 
 def merge_tops(old: dict[str, Tensor], new: dict[str, Tensor], offset: int, k: int) -> dict[str, Tensor]:
