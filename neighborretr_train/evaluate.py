@@ -81,8 +81,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The run's saved config with this call's data overrides, precision and evaluation settings."""
+def saved_run_config(run_dir: Path) -> DictConfig:
+    """The config a run saved (its unresolved form when present, so a moved `data.root` moves derived paths)."""
     saved = run_dir / "config.unresolved.yaml"
     if not saved.is_file():
         saved = run_dir / "config.yaml"
@@ -94,12 +94,28 @@ def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
             f"{saved} was written by a version before the data settings became a `_target_` (2026-12-01): add "
             "`_target_: neighborretr.data.module.VideoTextData` and `seed: ${seed}` under its `data:` node"
         )
+    if "pretrained" in run_cfg.model:  # the checkpoint replaces the backbone weights: do not load them twice
+        run_cfg.model.pretrained = None
+    return run_cfg
+
+
+def load_run_model(ckpt: Path) -> tuple[torch.nn.Module, DictConfig, Path]:
+    """(model in eval mode with the checkpoint's weights, the run's saved config, the weights file) for any
+    accepted `ckpt` form (see `locate`); the model is on the CPU."""
+    run_dir, weights = locate(Path(ckpt))
+    run_cfg = saved_run_config(run_dir)
+    model = build(run_cfg, "model")
+    load_weights_into(model, load_weights(weights), weights)
+    return model.eval(), run_cfg, weights
+
+
+def run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The run's saved config with this call's data overrides, precision and evaluation settings."""
+    run_cfg = saved_run_config(run_dir)
     run_cfg.data = OmegaConf.merge(run_cfg.data, {k: v for k, v in cfg.data.items() if v is not None})
     run_cfg.eval = cfg.eval
     run_cfg.trainer.mixed_precision = cfg.trainer.mixed_precision
     run_cfg.trainer.cpu = cfg.trainer.cpu
-    if "pretrained" in run_cfg.model:  # the checkpoint replaces the backbone weights: do not load them twice
-        run_cfg.model.pretrained = None
     return run_cfg
 
 
