@@ -49,13 +49,13 @@ VARIANTS: dict[str, list[str]] = {
     ],
 }
 BASELINE = "infonce"
-# The CPU budget: the tiny model at 32 px and 4 frames, 3 epochs; post-hoc methods with smaller banks.
+# The CPU budget: the tiny model at 32 px and 4 frames, 2 epochs; post-hoc methods with smaller banks.
 CPU_COMMON = [
     "experiment=synthetic_tiny",
     "model.image_size=32",
     "data.image_size=32",
     "data.max_frames=4",
-    "trainer.epochs=3",
+    "trainer.epochs=2",
     "data.check_videos=false",
     "logger=none",
     "eval.query_bank_size=2000",
