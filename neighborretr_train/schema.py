@@ -43,6 +43,7 @@ class EvalSettings:
     query_bank_size: int | None = 10000
     gallery_bank_size: int | None = 2000
     bank_seed: int = 0
+    hub_report: bool = True
 
     def __post_init__(self):
         for name in ("chunk_size", "k", "query_bank_size", "gallery_bank_size"):

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from neighborretr.checkpoint import checkpoint_dirs, is_complete, load_checkpoint, step_of
 from neighborretr.data.module import VideoTextData
 from neighborretr.engine import FitConfig, TrainState, fit, write_json
-from neighborretr.eval.pipeline import write_report
+from neighborretr.eval.pipeline import gallery_ids, write_report
 from neighborretr.metrics_log import MetricsLog
 from neighborretr.train_step import TrainStep
 from neighborretr_train.common import (
@@ -205,10 +205,17 @@ def setup_run_dir(cfg: DictConfig, accelerator: Accelerator, resume_from: Path |
 
 
 def score_selected_model(
-    accelerator: Accelerator, evaluator: Evaluator, model, state: TrainState, loop: FitConfig, log_metrics: MetricsLog
+    accelerator: Accelerator,
+    evaluator: Evaluator,
+    model,
+    state: TrainState,
+    loop: FitConfig,
+    log_metrics: MetricsLog,
+    ids: dict[str, list[str]] | None = None,
 ) -> dict:
     """The test split scored by the model selected on the validation split, for both directions, raw and with
-    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json."""
+    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json and,
+    with eval.hub_report, the good/bad hub reports (rows named by `ids`, see `gallery_ids`)."""
     weights = loop.run_dir / "best" / "model.pt"
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     report = evaluator(model, "test", evaluator.methods, weights=weights)
@@ -221,7 +228,17 @@ def score_selected_model(
         "select_metric": loop.select_metric,
         "history": state.history,
     }
-    write_report(accelerator, report, loop.run_dir, "test", evaluator.cfg.k, state.global_step, log_metrics)
+    write_report(
+        accelerator,
+        report,
+        loop.run_dir,
+        "test",
+        evaluator.cfg.k,
+        state.global_step,
+        log_metrics,
+        hubs=evaluator.cfg.hub_report,
+        gallery_ids=ids,
+    )
     if accelerator.is_main_process:
         write_json(loop.run_dir / "results.json", results)
     return results
@@ -286,7 +303,8 @@ def _train(cfg: DictConfig, lock: RunLock) -> dict:
             log_metrics,
             refill,
         )
-        results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
+        ids = gallery_ids(records["test"])
+        results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics, ids)
     finally:
         accelerator.end_training()  # also when stopped or failed: the tracker's history is flushed and closed
     if accelerator.is_main_process:
