@@ -14,6 +14,13 @@ Definitions (k and the hub threshold follow :mod:`neighborretr.eval.hubness_metr
   is needed because with k > 1 most slots are wrong by construction (a t2v query has one positive among its k),
   so a fixed threshold such as 1/2 would call every hub bad. A good hub is retrieved at least as precisely as an
   average slot; a bad hub draws more than its share of wrong retrievals. Items never retrieved get no label.
+
+An item can be retrieved correctly at most once per positive query it has (``positives``: its captions for a t2v
+video, 1 for a v2t caption). Where every item has a single positive (v2t; t2v on one-caption splits such as
+MSR-VTT 1k-A) a hub's correct share is at most ``1 / (hub_factor * k)``, so at k = 10 every hub is bad by
+arithmetic: there the picture's message is how many hubs there are and how many wrong retrievals they take
+(``wrong_to_hubs``), and good hubs appear at small k or on multi-caption splits. ``max_positives`` in the
+summary says which case a report is.
 """
 
 from __future__ import annotations
@@ -39,12 +46,15 @@ class HubCounts:
         n_k: [G] int64 k-occurrence of each gallery item (sums to ``k * n_queries``).
         correct: [G] int64 number of those appearances that are a positive of their query (``<= n_k``).
         k: neighbourhood size.
+        positives: [G] int64 number of queries that have the item as a positive (its most possible ``correct``).
+        k: neighbourhood size.
         n_queries: number of query rows Q.
         hub_factor: hub threshold in multiples of k.
     """
 
     n_k: Tensor
     correct: Tensor
+    positives: Tensor
     k: int
     n_queries: int
     hub_factor: float = 2.0
@@ -111,7 +121,9 @@ def hub_counts(
         positive = top == c2v[queries] if direction == "t2v" else c2v[top] == queries  # [b, k]
         n_k += torch.bincount(top.flatten(), minlength=n_gallery)
         correct += torch.bincount(top[positive], minlength=n_gallery)
-    return HubCounts(n_k.cpu(), correct.cpu(), k, scores.shape[0], hub_factor)
+    # t2v: a video is the positive of each of its captions; v2t: a caption is the positive of its one video.
+    positives = torch.bincount(c2v, minlength=n_gallery) if direction == "t2v" else torch.ones_like(n_k)
+    return HubCounts(n_k.cpu(), correct.cpu(), positives.cpu(), k, scores.shape[0], hub_factor)
 
 
 def hub_rows(counts: HubCounts, top: int = 20, ids: Sequence[str] | None = None) -> list[dict]:
@@ -123,7 +135,7 @@ def hub_rows(counts: HubCounts, top: int = 20, ids: Sequence[str] | None = None)
         ids: optional [G] names of the gallery items (video ids, captions), added as "id".
 
     Returns:
-        One dict per item: rank, index, [id], n_k, correct, wrong, correct_share, hub (bool) and label
+        One dict per item: rank, index, [id], n_k, correct, wrong, positives, correct_share, hub (bool) and label
         ("good" or "bad", see the module docstring).
     """
     if ids is not None and len(ids) != len(counts.n_k):
@@ -136,7 +148,7 @@ def hub_rows(counts: HubCounts, top: int = 20, ids: Sequence[str] | None = None)
     for rank, g in enumerate(order, start=1):
         n, c = int(counts.n_k[g]), int(counts.correct[g])
         row = {"rank": rank, "index": g, **({"id": str(ids[g])} if ids is not None else {})}
-        row |= {"n_k": n, "correct": c, "wrong": n - c, "correct_share": c / n}
+        row |= {"n_k": n, "correct": c, "wrong": n - c, "positives": int(counts.positives[g]), "correct_share": c / n}
         rows.append(row | {"hub": bool(hub[g]), "label": "good" if good[g] else "bad"})
     return rows
 
@@ -145,10 +157,11 @@ def hub_summary(counts: HubCounts) -> dict[str, float]:
     """Headline numbers of the good/bad hub split.
 
     Returns:
-        k, hub_factor, n_queries, n_gallery; n_hubs, n_good_hubs, n_bad_hubs; bad_hub_share (bad hubs / hubs, 0
-        without hubs); correct_share (share of all top-k slots that are correct, the good/bad boundary);
-        hub_slot_share (share of all slots taken by hubs, the hub occurrence); wrong_to_bad_hubs (share of the
-        wrong slots that go to bad hubs); wrong_to_hubs (share of the wrong slots that go to any hub).
+        k, hub_factor, n_queries, n_gallery, max_positives (the most positives of any item); n_hubs,
+        n_good_hubs, n_bad_hubs; bad_hub_share (bad hubs / hubs, 0 without hubs); correct_share (share of all
+        top-k slots that are correct, the good/bad boundary); hub_slot_share (share of all slots taken by hubs,
+        the hub occurrence); wrong_to_bad_hubs (share of the wrong slots that go to bad hubs); wrong_to_hubs
+        (share of the wrong slots that go to any hub).
     """
     hub, bad = counts.is_hub, counts.is_bad
     wrong = counts.wrong
@@ -160,6 +173,7 @@ def hub_summary(counts: HubCounts) -> dict[str, float]:
         "hub_factor": counts.hub_factor,
         "n_queries": counts.n_queries,
         "n_gallery": len(counts.n_k),
+        "max_positives": int(counts.positives.max()),
         "n_hubs": n_hubs,
         "n_good_hubs": n_hubs - n_bad,
         "n_bad_hubs": n_bad,
@@ -191,7 +205,12 @@ def hub_report(counts: HubCounts, top: int = 20, ids: Sequence[str] | None = Non
     them) so that plots can be redrawn from the file (:func:`counts_from_report`).
     """
     seen = (counts.n_k > 0).nonzero().flatten()
-    items = {"index": seen.tolist(), "n_k": counts.n_k[seen].tolist(), "correct": counts.correct[seen].tolist()}
+    items = {
+        "index": seen.tolist(),
+        "n_k": counts.n_k[seen].tolist(),
+        "correct": counts.correct[seen].tolist(),
+        "positives": counts.positives[seen].tolist(),
+    }
     return {"summary": hub_summary(counts), "hubs": hub_rows(counts, top, ids), "items": items}
 
 
@@ -200,10 +219,14 @@ def counts_from_report(report: dict) -> HubCounts:
     summary, items = report["summary"], report["items"]
     n_k = torch.zeros(int(summary["n_gallery"]), dtype=torch.long)
     correct = torch.zeros_like(n_k)
+    # Positives of never-retrieved items are not stored; they do not enter any figure.
+    positives = torch.zeros_like(n_k)
     index = torch.tensor(items["index"], dtype=torch.long)
-    n_k[index] = torch.tensor(items["n_k"], dtype=torch.long)
-    correct[index] = torch.tensor(items["correct"], dtype=torch.long)
-    return HubCounts(n_k, correct, int(summary["k"]), int(summary["n_queries"]), float(summary["hub_factor"]))
+    for tensor, key in ((n_k, "n_k"), (correct, "correct"), (positives, "positives")):
+        tensor[index] = torch.tensor(items[key], dtype=torch.long)
+    return HubCounts(
+        n_k, correct, positives, int(summary["k"]), int(summary["n_queries"]), float(summary["hub_factor"])
+    )
 
 
 def format_hub_summary(summaries: dict[str, dict], title: str | None = None) -> str:

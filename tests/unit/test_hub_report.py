@@ -42,6 +42,7 @@ def test_t2v_counts_good_and_bad_hubs_of_a_hand_made_matrix():
     counts = hub_counts(t2v_scores(), C2V, "t2v", k=1)
     assert counts.n_k.tolist() == [6, 2, 0, 0, 1, 3]
     assert counts.correct.tolist() == [2, 2, 0, 0, 1, 2]
+    assert counts.positives.tolist() == [2] * 6
     assert counts.is_hub.tolist() == [True, True, False, False, False, True]  # N_1 >= 2
     rows = hub_table(t2v_scores(), C2V, "t2v", k=1, ids=[f"video{i}" for i in range(6)])
     got = [(r["index"], r["id"], r["n_k"], r["correct"], r["wrong"], r["hub"], r["label"]) for r in rows]
@@ -58,6 +59,7 @@ def test_t2v_counts_good_and_bad_hubs_of_a_hand_made_matrix():
             "hub_factor": 2.0,
             "n_queries": 12,
             "n_gallery": 6,
+            "max_positives": 2,
             "n_hubs": 3,
             "n_good_hubs": 2,
             "n_bad_hubs": 1,
@@ -81,6 +83,7 @@ def test_v2t_counts_a_caption_as_correct_for_its_own_video():
     counts = hub_counts(scores, c2v, "v2t", k=2, hub_factor=1.5)  # hub: N_2 >= 3
     assert counts.n_k.tolist() == [3, 1, 1, 0, 0, 1]
     assert counts.correct.tolist() == [1, 1, 1, 0, 0, 1]
+    assert counts.positives.tolist() == [1] * 6  # a caption has one positive query: its video
     rows = hub_table(scores, c2v, "v2t", k=2, hub_factor=1.5)
     assert [(r["index"], r["hub"], r["label"]) for r in rows] == [
         (0, True, "bad"),  # 1/3 correct, below the mean 4/6
@@ -125,6 +128,7 @@ def test_report_round_trips_and_the_plot_is_a_png(tmp_path):
     report = json.loads(json.dumps(hub_report(counts, top=3)))
     back = counts_from_report(report)
     assert torch.equal(back.n_k, counts.n_k) and torch.equal(back.correct, counts.correct)
+    assert back.positives[counts.n_k > 0].tolist() == [2, 2, 2, 2]
     assert len(report["hubs"]) == 3 and report["items"]["index"] == [0, 1, 4, 5]
     flat = hub_counts(torch.zeros(12, 6) + torch.arange(6.0), C2V, "t2v", k=1)  # every caption picks video 5
     png = plot_hubs({"is": flat, "none": counts}, tmp_path / "sub" / "hubs.png", title="t")
