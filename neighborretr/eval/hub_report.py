@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from neighborretr.eval.hubness_metrics import draw_k_occurrence
@@ -261,11 +262,12 @@ def plot_hubs(counts: dict[str, HubCounts], path: str | Path, title: str | None 
     counts = {**({"none": counts["none"]} if "none" in counts else {}), **counts}
     fig = Figure(figsize=(11.0, 3.2 * len(counts)), layout="constrained")
     axes = fig.subplots(len(counts), 2, squeeze=False)
+    x_max = max(int(c.n_k.max()) for c in counts.values())  # one N_k scale for every method
     for (method, c), (left, right) in zip(counts.items(), axes):
         behind = {"none": counts["none"].n_k} if "none" in counts and method != "none" else {}
         draw_k_occurrence(left, {**behind, method: c.n_k}, c.k, c.hub_factor, log_y=True)
         left.set_title(f"{method}: k-occurrence", fontsize="medium")
-        draw_hub_scatter(right, c)
+        draw_hub_scatter(right, c, x_max)
         s = hub_summary(c)
         right.set_title(
             f"{method}: {s['n_hubs']} hubs ({s['n_good_hubs']} good, {s['n_bad_hubs']} bad); "
@@ -280,9 +282,10 @@ def plot_hubs(counts: dict[str, HubCounts], path: str | Path, title: str | None 
     return path
 
 
-def draw_hub_scatter(ax, counts: HubCounts) -> None:
+def draw_hub_scatter(ax, counts: HubCounts, x_max: int | None = None) -> None:
     """N_k (x) against correct share (y) of every retrieved item on a matplotlib axes; non-hubs grey, good hubs
-    green, bad hubs red; dashed lines at the hub threshold and at the mean correct share (the good/bad boundary)."""
+    green, bad hubs red; dashed lines at the hub threshold and at the mean correct share (the good/bad boundary).
+    `x_max` (default: this item's largest N_k) puts panels of several methods or runs on one scale."""
     seen = counts.n_k > 0
     share = counts.correct.double() / counts.n_k.clamp(min=1).double()
     hub, good = counts.is_hub, counts.is_good
@@ -296,6 +299,8 @@ def draw_hub_scatter(ax, counts: HubCounts) -> None:
     ax.set_xlabel(f"$N_{{{counts.k}}}$ (times retrieved in a top-{counts.k})")
     ax.set_ylabel("correct share of its retrievals")
     ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(0, 1.05 * max(x_max or 0, int(counts.n_k.max()), counts.hub_factor * counts.k) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize="small")
 
