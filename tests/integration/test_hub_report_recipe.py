@@ -34,7 +34,8 @@ def trained(tiny_synthetic, tmp_path_factory) -> Path:
     """One epoch of InfoNCE, tested raw and with IS (so the report has a before and an after normalisation)."""
     out = tmp_path_factory.mktemp("hub_run")
     overrides = [*TINY_OVERRIDES, *INFONCE, f"data.root={tiny_synthetic}", "trainer.epochs=1"]
-    _run(train, "train", [*overrides, "eval.normalizations=[none,is]", f"output_dir={out}"])
+    wandb = ["logger=wandb", "logger.mode=offline"]
+    _run(train, "train", [*overrides, *wandb, "eval.normalizations=[none,is]", f"output_dir={out}"])
     return out
 
 
@@ -50,6 +51,10 @@ def test_training_writes_and_logs_the_hub_report_of_each_method(trained):
     v2t = json.loads((trained / "test_hubs_v2t.json").read_text())["methods"]["none"]["summary"]
     assert (v2t["n_queries"], v2t["n_gallery"]) == (8, 8)
     assert (trained / "test_hubs_t2v.png").read_bytes()[:4] == b"\x89PNG"
+    # the plots went to wandb as images (offline: copied into the run's media folder)
+    (offline,) = (trained / "wandb").glob("offline-run-*")
+    images = (offline / "files" / "media" / "images" / "test").glob("hubs_*.png")
+    assert sorted(p.name[:8] for p in images) == ["hubs_t2v", "hubs_v2t"]
     logged = {k: v for row in read_metrics(trained / "metrics.jsonl") for k, v in row.items()}
     assert (
         logged["test/hubs/is/v2t/n_hubs"]
