@@ -17,10 +17,10 @@ Definitions (k and the hub threshold follow :mod:`neighborretr.eval.hubness_metr
 
 An item can be retrieved correctly at most once per positive query it has (``positives``: its captions for a t2v
 video, 1 for a v2t caption). Where every item has a single positive (v2t; t2v on one-caption splits such as
-MSR-VTT 1k-A) a hub's correct share is at most ``1 / (hub_factor * k)``, so at k = 10 every hub is bad by
-arithmetic: there the picture's message is how many hubs there are and how many wrong retrievals they take
-(``wrong_to_hubs``), and good hubs appear at small k or on multi-caption splits. ``max_positives`` in the
-summary says which case a report is.
+MSR-VTT 1k-A) a hub's correct share is at most ``1 / (hub_factor * k)`` while the mean is ``R@k / k``, so once
+R@k exceeds 1 / hub_factor (50 %) every hub is bad by arithmetic: there the picture's message is how many hubs
+there are and how many wrong retrievals they take (``wrong_to_hubs``), and good hubs appear on multi-caption
+splits. ``max_positives`` in the summary says which case a report is.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class HubCounts:
     Attributes:
         n_k: [G] int64 k-occurrence of each gallery item (sums to ``k * n_queries``).
         correct: [G] int64 number of those appearances that are a positive of their query (``<= n_k``).
-        k: neighbourhood size.
         positives: [G] int64 number of queries that have the item as a positive (its most possible ``correct``).
         k: neighbourhood size.
         n_queries: number of query rows Q.
