@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neighborretr.eval.hub_report import (
+    HubCounts,
     counts_from_report,
     hub_counts,
     hub_report,
@@ -182,3 +183,12 @@ def test_write_report_writes_and_logs_the_hub_report_only_when_asked(tmp_path, c
     assert Path(tracker.images["test/hubs_t2v"][0]).read_bytes()[:8] == PNG
     assert logged["test/hubs/none/t2v/n_bad_hubs"] == 1 and logged["test/hubs/none/t2v/n_hubs"] == 3
     assert "bad 1" in capsys.readouterr().out
+
+
+def test_good_means_at_least_the_mean_correct_share_not_a_fixed_half():
+    # 8 top-1 slots, 6 correct: the boundary is 3/4, so item 0 (2 of 4 correct) is bad although half is right
+    counts = HubCounts(torch.tensor([4, 2, 2]), torch.tensor([2, 2, 2]), torch.tensor([2, 2, 2]), k=1, n_queries=8)
+    assert counts.is_good.tolist() == [False, True, True] and counts.is_hub.tolist() == [True, True, True]
+    # an item exactly at the mean is good
+    even = HubCounts(torch.tensor([4, 4, 0]), torch.tensor([2, 2, 0]), torch.tensor([1, 1, 1]), k=1, n_queries=8)
+    assert even.is_good.tolist() == [True, True, False] and even.is_bad.tolist() == [False, False, False]
