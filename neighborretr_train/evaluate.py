@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from neighborretr.checkpoint import CheckpointError, load_weights_into
-from neighborretr.eval.pipeline import write_report
+from neighborretr.eval.pipeline import gallery_ids, write_report
 from neighborretr_train.common import (
     ConfigError,
     Evaluator,
@@ -143,7 +143,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = create_run_dir(cfg, accelerator, Path(cfg.output_root) / "eval")
     save_config(cfg, out_dir, "config", accelerator)
     report = evaluator(model, cfg.split, methods, weights=weights)
-    write_report(accelerator, report, out_dir, cfg.split, cfg.eval.k)
+    ids = gallery_ids(records[cfg.split])
+    write_report(accelerator, report, out_dir, cfg.split, cfg.eval.k, hubs=cfg.eval.hub_report, gallery_ids=ids)
     if accelerator.is_main_process:
         print(f"{cfg.split}: {len(records[cfg.split])} captions, weights {weights}; written to {out_dir}")
     return report["rows"]

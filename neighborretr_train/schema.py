@@ -46,6 +46,7 @@ class EvalSettings:
     bank_seed: int = 0
     v2t_protocol: str = "best_caption"
     as_published: bool = False
+    hub_report: bool = True
 
     def __post_init__(self):
         for name in ("chunk_size", "k", "query_bank_size", "gallery_bank_size"):

@@ -21,7 +21,7 @@ from neighborretr.checkpoint import checkpoint_dirs, is_complete, load_checkpoin
 from neighborretr.data.module import VideoTextData
 from neighborretr.engine import FitConfig, TrainState, as_published_best, fit, write_json
 from neighborretr.eval.metrics import format_table
-from neighborretr.eval.pipeline import write_report
+from neighborretr.eval.pipeline import gallery_ids, write_report
 from neighborretr.metrics_log import MetricsLog
 from neighborretr.train_step import TrainStep
 from neighborretr_train.common import (
@@ -206,10 +206,17 @@ def setup_run_dir(cfg: DictConfig, accelerator: Accelerator, resume_from: Path |
 
 
 def score_selected_model(
-    accelerator: Accelerator, evaluator: Evaluator, model, state: TrainState, loop: FitConfig, log_metrics: MetricsLog
+    accelerator: Accelerator,
+    evaluator: Evaluator,
+    model,
+    state: TrainState,
+    loop: FitConfig,
+    log_metrics: MetricsLog,
+    ids: dict[str, list[str]] | None = None,
 ) -> dict:
     """The test split scored by the model selected on the validation split, for both directions, raw and with
-    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json.
+    each hubness normalisation (whose β/τ are chosen on the validation split too); writes results.json and,
+    with eval.hub_report, the good/bad hub reports (rows named by `ids`, see `gallery_ids`).
 
     With eval.as_published, results.json also gets "as_published_test_selected": the per-direction best epochs
     chosen on the test split, as the official code reports them, labelled as such."""
@@ -225,7 +232,17 @@ def score_selected_model(
         "select_metric": loop.select_metric,
         "history": state.history,
     }
-    write_report(accelerator, report, loop.run_dir, "test", evaluator.cfg.k, state.global_step, log_metrics)
+    write_report(
+        accelerator,
+        report,
+        loop.run_dir,
+        "test",
+        evaluator.cfg.k,
+        state.global_step,
+        log_metrics,
+        hubs=evaluator.cfg.hub_report,
+        gallery_ids=ids,
+    )
     published = as_published_best(state.history) if evaluator.cfg.as_published else None
     if published is not None:
         results["as_published_test_selected"] = published
@@ -296,7 +313,8 @@ def _train(cfg: DictConfig, lock: RunLock) -> dict:
             refill,
             test_each_epoch=(lambda: evaluator(model, "test")["rows"]["none"]) if cfg.eval.as_published else None,
         )
-        results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics)
+        ids = gallery_ids(records["test"])
+        results = score_selected_model(accelerator, evaluator, model, state, loop, log_metrics, ids)
     finally:
         accelerator.end_training()  # also when stopped or failed: the tracker's history is flushed and closed
     if accelerator.is_main_process:

@@ -313,3 +313,41 @@ def _check_scores(scores: Tensor, k: int) -> None:
         raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
     if not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be in [1, {scores.shape[1]}] (the gallery size), got {k}")
+
+
+def draw_k_occurrence(
+    ax, counts: dict[str, Tensor], k: int, hub_factor: float = 2.0, log_y: bool = False, legend: bool = True
+) -> None:
+    """Draws the step histograms of :func:`plot_k_occurrence` onto an existing matplotlib axes, for figures
+    with several panels (e.g. :func:`neighborretr.eval.hub_report.plot_hubs`); same bins, styles and labels.
+
+    Args:
+        ax: a matplotlib ``Axes``.
+        counts: method name -> [G] k-occurrence.
+        k, hub_factor, log_y: as in :func:`plot_k_occurrence`.
+        legend: whether to draw the legend.
+    """
+    if not counts:
+        raise ValueError("counts is empty; give at least one method")
+    arrays = {name: _as_counts(c).detach().cpu().numpy() for name, c in _raw_first(counts).items()}
+    edges = _integer_bin_edges(max(int(a.max()) for a in arrays.values()))
+    for name, values in arrays.items():
+        style = {"color": "black", "linewidth": 2.0} if name == "none" else {"linewidth": 1.6}
+        ax.hist(
+            values,
+            bins=edges,
+            histtype="step",
+            label=f"{name} (skew {skewness(torch.from_numpy(values)):.2f})",
+            **style,
+        )
+    if hub_factor > 0:
+        ax.axvline(
+            hub_factor * k, color="grey", linestyle="--", linewidth=1.0, label=f"hub threshold ({hub_factor:g}k)"
+        )
+    ax.set_xlabel(f"$N_{{{k}}}$")
+    ax.set_ylabel("gallery items")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(frameon=False, fontsize="small")

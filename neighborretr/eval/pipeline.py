@@ -1,10 +1,11 @@
 """One evaluation report for a split: raw scores and every configured hubness normalisation, both directions,
-with retrieval and hubness metrics, written as a table, JSON, k-occurrence plots and tracker logs."""
+with retrieval and hubness metrics, written as a table, JSON, k-occurrence plots, good/bad hub reports and
+tracker logs."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,8 +13,23 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from neighborretr.data.annotations import Record
 from neighborretr.eval.features import encode_split, score_split
-from neighborretr.eval.hubness_eval import effective_k, normalized_report, select_parameters, split_matrices
+from neighborretr.eval.hub_report import (
+    HubCounts,
+    format_hub_summary,
+    hub_counts,
+    hub_report,
+    hub_summary,
+    plot_hubs,
+)
+from neighborretr.eval.hubness_eval import (
+    apply_method,
+    effective_k,
+    normalized_report,
+    select_parameters,
+    split_matrices,
+)
 from neighborretr.eval.hubness_metrics import (
     direction_report_pair,
     format_method_table,
@@ -23,6 +39,7 @@ from neighborretr.eval.hubness_metrics import (
 from neighborretr.eval.metrics import check_v2t_protocol
 
 Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
+HUB_ROWS = 20  # hubs listed per method and direction in <name>_hubs_<direction>.json
 
 
 def encode_bank(accelerator: Accelerator, model: nn.Module, loaders: Loaders, cache: Path | None) -> dict:
@@ -50,7 +67,24 @@ def _raw_report(model: nn.Module, test: dict, device: torch.device, k: int, chun
         "rows": {"none": direction_report_pair(sim, sim.t(), c2v, k, v2t_protocol)},
         "params": {"none": {"t2v": {}, "v2t": {}}},
         "counts": {"t2v": {"none": k_occurrence(sim, k=k)}, "v2t": {"none": k_occurrence(sim.t(), k=k)}},
+        "hubs": {"t2v": {"none": hub_counts(sim, c2v, "t2v", k)}, "v2t": {"none": hub_counts(sim.t(), c2v, "v2t", k)}},
     }
+
+
+def _normalized_hubs(matrices: dict, caption_to_video: torch.Tensor, params: dict, k: int) -> dict:
+    """{direction: {method: HubCounts}} of each method's normalised test scores.
+
+    normalized_report keeps only the k-occurrence, so each method is applied again here (one matrix in memory
+    at a time); the same parameters give the same scores, hence the same N_k as the report's rows.
+    """
+    k = effective_k(k, tuple(matrices["t2v"]["sim"].shape))
+    c2v = caption_to_video.to(matrices["t2v"]["sim"].device)
+    hubs: dict[str, dict[str, HubCounts]] = {"t2v": {}, "v2t": {}}
+    for method, by_direction in params.items():
+        for direction in hubs:
+            scores = apply_method(matrices[direction], method, by_direction.get(direction, {}))
+            hubs[direction][method] = hub_counts(scores, c2v, direction, k)
+    return hubs
 
 
 def evaluate_report(
@@ -74,7 +108,7 @@ def evaluate_report(
 
     Returns:
         {"rows": {method: {"t2v": metrics, "v2t": metrics}}, "params": {method: {direction: {...}}},
-         "counts": {direction: {method: k-occurrence [G]}}}.
+         "counts": {direction: {method: k-occurrence [G]}}, "hubs": {direction: {method: HubCounts}}}.
     """
     check_v2t_protocol(v2t_protocol)  # before any encoding
     unwrapped = accelerator.unwrap_model(model)
@@ -91,7 +125,8 @@ def evaluate_report(
         params = select_parameters(val_matrices, val["caption_to_video"], methods, grid, v2t_protocol)
         test_matrices = split_matrices(unwrapped, test, bank, device, chunk_size)
         rows, counts = normalized_report(test_matrices, test["caption_to_video"], methods, params, k, v2t_protocol)
-    return {"rows": rows, "params": params, "counts": counts}
+        hubs = _normalized_hubs(test_matrices, test["caption_to_video"], params, k)
+    return {"rows": rows, "params": params, "counts": counts, "hubs": hubs}
 
 
 def write_report(
@@ -102,10 +137,14 @@ def write_report(
     k: int,
     step: int | None = None,
     log_metrics: Callable[[dict, int | None], None] | None = None,
+    hubs: bool = True,
+    gallery_ids: dict[str, Sequence[str]] | None = None,
 ):
     """Prints the table, writes `<name>_metrics.json` and `<name>_k_occurrence_<direction>.png`, and logs the
     rows (and the plots, for trackers that take images) with `log_metrics` (default: `accelerator.log`) and to
-    the trackers. Files and printing: main process only."""
+    the trackers. With `hubs` (and a report that has them) it also writes the good/bad hub report of each
+    direction (see `write_hub_report`); `gallery_ids` ({direction: names}) labels its rows. Files and printing:
+    main process only."""
     rows = report["rows"]
     flat = {f"{name}/{m}/{d}/{key}": v for m, r in rows.items() for d, mr in r.items() for key, v in mr.items()}
     (log_metrics or accelerator.log)(flat, step=step)
@@ -129,4 +168,57 @@ def write_report(
         for tracker in accelerator.trackers:
             if hasattr(tracker, "log_images") and tracker.name == "wandb":
                 tracker.log_images({f"{name}/k_occurrence_{direction}": [str(png)]}, step=step)
+    if hubs and "hubs" in report:  # trackers log on the main process only, so the hub numbers lose nothing here
+        write_hub_report(accelerator, report["hubs"], out_dir, name, step, log_metrics, gallery_ids)
     print(f"results: {out_dir / f'{name}_metrics.json'}")
+
+
+def write_hub_report(
+    accelerator: Accelerator,
+    hubs: dict[str, dict[str, HubCounts]],
+    out_dir: Path,
+    name: str,
+    step: int | None = None,
+    log_metrics: Callable[[dict, int | None], None] | None = None,
+    gallery_ids: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """Good and bad hubs of every method, per direction: `<name>_hubs_<direction>.json` (summary, the top
+    hubs and every retrieved item's counts, per method) and `<name>_hubs_<direction>.png` (`plot_hubs`), a short
+    printed summary, and the summary numbers (`<name>/hubs/<method>/<direction>/<key>`) and plots logged like
+    the rows. Files and printing: main process only."""
+    flat = {
+        f"{name}/hubs/{m}/{d}/{key}": v
+        for d, by_method in hubs.items()
+        for m, counts in by_method.items()
+        for key, v in hub_summary(counts).items()
+    }
+    (log_metrics or accelerator.log)(flat, step=step)
+    if not accelerator.is_main_process:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for direction, by_method in hubs.items():
+        ids = (gallery_ids or {}).get(direction)
+        reports = {m: hub_report(c, HUB_ROWS, ids) for m, c in by_method.items()}
+        first = next(iter(by_method.values()))
+        payload = {
+            "name": name,
+            "direction": direction,
+            "k": first.k,
+            "hub_factor": first.hub_factor,
+            "good_hub": "a hub (n_k >= hub_factor * k) whose correct share is >= the share of correct top-k slots",
+            "methods": reports,
+        }
+        (out_dir / f"{name}_hubs_{direction}.json").write_text(json.dumps(payload, indent=1))
+        print(format_hub_summary({m: r["summary"] for m, r in reports.items()}, title=f"{name} {direction} hubs:"))
+        png = plot_hubs(
+            by_method, out_dir / f"{name}_hubs_{direction}.png", title=f"{name} {direction}: good and bad hubs"
+        )
+        for tracker in accelerator.trackers:
+            if hasattr(tracker, "log_images") and tracker.name == "wandb":
+                tracker.log_images({f"{name}/hubs_{direction}": [str(png)]}, step=step)
+
+
+def gallery_ids(records: Sequence[Record]) -> dict[str, list[str]]:
+    """Names of the gallery items of a split's records, in the evaluation's index order: t2v the videos (sorted
+    ids, as the datasets index them), v2t the captions (record order), as "<video id>: <caption>"."""
+    return {"t2v": sorted({r.video_id for r in records}), "v2t": [f"{r.video_id}: {r.caption}" for r in records]}
