@@ -10,6 +10,8 @@ of these structures:
   more moving shapes, captioned without any attribute ("several shapes moving around"). Like the generic clips
   of real data, a busy clip is pulled towards the middle of the caption space and contains a little of many
   specific captions, so it is retrieved for many queries: the hubs of the video gallery.
+- ``test_generic_fraction``: the share of busy scenes among the test clips. Kept small, so that the few generic
+  clips of the gallery each draw many queries (a heavy right tail of N_k, as in real galleries).
 - ``attribute_skew``: Zipf exponent s of the colour, shape, direction and background frequencies (the r-th most
   frequent value, in a seeded order, has weight (r + 1)^-s; 0 = uniform). Clips of common attributes match
   many captions (more hubs); clips of rare attributes are retrieved by few captions besides their own, and by
@@ -56,14 +58,15 @@ from neighborretr.data.synthetic import (
 class HubKnobs:
     """The structures that breed hubs; see the module docstring. All zero = no added structure."""
 
-    generic_fraction: float = 0.12
+    generic_fraction: float = 0.15
+    test_generic_fraction: float = 0.03  # busy scenes among the test clips: few, so each draws many queries
     generic_extra_objects: tuple[int, int] = (2, 4)  # inclusive range of extra shapes in a busy scene
     attribute_skew: float = 1.0
     duplicate_fraction: float = 0.1
     vague_caption_prob: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("generic_fraction", "duplicate_fraction", "vague_caption_prob"):
+        for name in ("generic_fraction", "test_generic_fraction", "duplicate_fraction", "vague_caption_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -158,11 +161,14 @@ def sample_hub_spec(
     knobs: HubKnobs,
     weights: dict[str, np.ndarray],
     copy_of: ClipSpec | None = None,
+    generic_fraction: float | None = None,
 ) -> ClipSpec:
     """Clip ``index``: a busy scene with probability ``generic_fraction``, else one object; ``copy_of`` fixes the
-    attributes (a near-duplicate: new size, trajectory and captions)."""
+    attributes (a near-duplicate: new size, trajectory and captions); ``generic_fraction`` overrides the knob's."""
     rng = np.random.default_rng([seed, index, 7])
-    generic = copy_of is None and rng.random() < knobs.generic_fraction
+    if generic_fraction is None:
+        generic_fraction = knobs.generic_fraction
+    generic = copy_of is None and rng.random() < generic_fraction
     if copy_of is None:
         attrs = {key: _draw(rng, values, weights[key]) for key, values in _ATTRIBUTES.items()}
     else:
@@ -197,7 +203,7 @@ def hub_specs(
         copy_of = None
         if originals and pick.random() < knobs.duplicate_fraction:
             copy_of = originals[pick.integers(len(originals))]
-        specs.append(sample_hub_spec(seed, index, frame_size, 1, knobs, weights, copy_of))
+        specs.append(sample_hub_spec(seed, index, frame_size, 1, knobs, weights, copy_of, knobs.test_generic_fraction))
     return specs
 
 
