@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hubs = parser.add_argument_group("hub-prone variant (neighborretr/data/synthetic_hubs.py explains each knob)")
     hubs.add_argument("--hubs", action="store_true", help="generate the hub-prone variant")
     hubs.add_argument("--generic-fraction", type=float, default=_KNOBS.generic_fraction, help="(default: %(default)s)")
+    hubs.add_argument(
+        "--test-generic-fraction", type=float, default=_KNOBS.test_generic_fraction, help="(default: %(default)s)"
+    )
     hubs.add_argument("--attribute-skew", type=float, default=_KNOBS.attribute_skew, help="(default: %(default)s)")
     hubs.add_argument(
         "--duplicate-fraction", type=float, default=_KNOBS.duplicate_fraction, help="(default: %(default)s)"
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.hubs:
         knobs = HubKnobs(
             generic_fraction=args.generic_fraction,
+            test_generic_fraction=args.test_generic_fraction,
             attribute_skew=args.attribute_skew,
             duplicate_fraction=args.duplicate_fraction,
             vague_caption_prob=args.vague_caption_prob,
