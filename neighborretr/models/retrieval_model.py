@@ -168,6 +168,20 @@ class RetrievalModel(nn.Module):
             "video_mask": video_mask,
         }
 
+    def compile_encoders(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Compiles the two CLIP towers and the temporal transformer in place with `torch.compile`.
+
+        In place (`nn.Module.compile`), so parameter names, state dicts and checkpoints do not change. The heads
+        stay eager: their clustering (top-k, scatter, data-dependent centres) is small and would mostly break the
+        graph, while the towers are static-shape transformers that hold nearly all of a step's FLOPs.
+
+        Args:
+            backend: a `torch.compile` backend ("inductor" generates kernels; "aot_eager" traces only).
+            mode: a `torch.compile` mode ("max-autotune", "reduce-overhead", ...) or None.
+        """
+        for module in (self.clip.visual, self.clip.transformer, self.temporal):
+            module.compile(backend=backend, mode=mode)
+
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """Keeps exp(logit_scale) <= max_scale, as CLIP and the official trainer do after every step."""

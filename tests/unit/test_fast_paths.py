@@ -131,3 +131,47 @@ def test_neighborretr_objective_with_shared_sides_equals_the_plain_path():
     assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 20
     for name in fast_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _optimizer_run(make, steps=4, seed=0):
+    """Parameters after `steps` updates with fixed gradients, some large enough to be clipped."""
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 5), (5,), (3, 4, 2), ()]]
+    groups = [
+        {"params": params[:2], "lr": 0.1, "weight_decay": 0.2, "max_grad_norm": 1.0},
+        {"params": params[2:], "lr": 0.01, "weight_decay": 0.0, "max_grad_norm": 0.0},
+    ]
+    optimizer = make(groups)
+    g = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=g) * (10.0 if i % 2 == step % 2 else 0.1)
+        params[1].grad = None if step == 1 else params[1].grad  # a parameter without a gradient is skipped
+        optimizer.step()
+    return params, optimizer
+
+
+def test_foreach_bertadam_equals_the_per_tensor_loop():
+    from neighborretr.optim import BertAdam
+
+    looped, loop_opt = _optimizer_run(lambda groups: BertAdam(groups, lr=0.1, foreach=False))
+    fast, fast_opt = _optimizer_run(lambda groups: BertAdam(groups, lr=0.1, foreach=True))
+    for a, b in zip(looped, fast):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for a, b in zip(looped, fast):
+        sa, sb = loop_opt.state[a], fast_opt.state[b]
+        assert sa["step"] == sb["step"]
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-6, atol=1e-8)
+    assert loop_opt.state[looped[1]]["step"] == 3  # skipped once
+
+
+def test_fused_adamw_equals_the_default_adamw():
+    from neighborretr.optim import build_optimizer
+
+    plain, _ = _optimizer_run(lambda groups: build_optimizer("adamw", groups, lr=0.1))
+    fused, opt = _optimizer_run(lambda groups: build_optimizer("adamw", groups, lr=0.1, fused=True))
+    assert opt.defaults["fused"] is True
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="AdamW option"):
+        build_optimizer("bertadam", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.1, fused=True)
