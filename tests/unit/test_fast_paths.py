@@ -175,3 +175,32 @@ def test_fused_adamw_equals_the_default_adamw():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="AdamW option"):
         build_optimizer("bertadam", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.1, fused=True)
+
+
+def test_tcblock_attention_kernel_equals_the_explicit_softmax():
+    import math
+
+    from neighborretr.models.token_merging import TCBlock
+
+    torch.manual_seed(0)
+    block = TCBlock(32, heads=4)
+    queries = torch.randn(3, 2, 32, requires_grad=True)
+    tokens = torch.randn(3, 7, 32, requires_grad=True)
+    score = torch.randn(3, 7).masked_fill(torch.tensor([[False] * 5 + [True] * 2] * 3), float("-inf"))
+    score.requires_grad_(True)
+
+    def explicit(queries, tokens, score):  # the formula the block computed before the kernel
+        q = block._split(block.q(block.norm1(queries)))
+        k, v = (block._split(t) for t in block.kv(block.norm1(tokens)).chunk(2, dim=-1))
+        logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + score[:, None, None, :]
+        return queries + block.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
+
+    upstream = torch.randn(3, 2, 32)
+    fast = block(queries, tokens, score)
+    fast_grads = torch.autograd.grad((fast * upstream).sum(), (queries, tokens, score, block.kv.weight))
+    ref = explicit(queries, tokens, score)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (queries, tokens, score, block.kv.weight))
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(fast_grads[2]).all() and (fast_grads[2][:, 5:] == 0).all()  # masked keys: no gradient
