@@ -60,9 +60,16 @@ def score_tokens(text: ScoredTokens, video: ScoredTokens) -> torch.Tensor:
     pair = (text.tokens.reshape(bt * length, dim) @ video.tokens.reshape(bv * frames, dim).t()).view(
         bt, length, bv, frames
     )
-    t2v = torch.einsum("alb,al->ab", pair.max(dim=3).values, text.weights.to(pair.dtype))
-    v2t = torch.einsum("abn,bn->ab", pair.max(dim=1).values, video.weights.to(pair.dtype))
+    t2v = torch.einsum("alb,al->ab", _max(pair, 3), text.weights.to(pair.dtype))
+    v2t = torch.einsum("abn,bn->ab", _max(pair, 1), video.weights.to(pair.dtype))
     return (t2v + v2t) / 2
+
+
+def _max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Maximum over `dim`. Without autograd, `amax` (values only; 1.5-3x faster on CPU than `max`, which also
+    finds indices); with it, `max`, whose gradient goes to one entry of a tie as the formula's always has
+    (`amax` would split it)."""
+    return x.max(dim=dim).values if x.requires_grad else x.amax(dim=dim)
 
 
 def weighted_token_similarity(

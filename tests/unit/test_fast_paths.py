@@ -204,3 +204,13 @@ def test_tcblock_attention_kernel_equals_the_explicit_softmax():
     for a, b in zip(fast_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(fast_grads[2]).all() and (fast_grads[2][:, 5:] == 0).all()  # masked keys: no gradient
+
+
+def test_inference_maxima_equal_the_autograd_path_exactly():
+    inputs = random_sides(bt=4, bv=6, seed=5)
+    with torch.no_grad():
+        fast = weighted_token_similarity(*inputs)  # amax
+    leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    tracked = weighted_token_similarity(*leaves)  # max(dim).values
+    assert tracked.requires_grad
+    torch.testing.assert_close(fast, tracked.detach(), rtol=0, atol=0)
