@@ -121,7 +121,7 @@ class Bench:
         torch.manual_seed(0)
         self.model = MODELS[args.model](loss == "neighborretr")
         if args.compile:
-            self.model.compile_encoders()
+            self.model.compile_encoders(args.compile_backend)
         if loss == "infonce":
             self.objective = InfoNCEObjective()
         else:
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace, loss: str, accelerator: Accelerator) -> dict:
         "loss": loss,
         "memory_size": args.memory_size if loss == "neighborretr" else None,
         "optimizer": args.optimizer + (" fused" if args.fused else "") + (" loop" if args.no_foreach else ""),
-        "compile": args.compile,
+        "compile": args.compile_backend if args.compile else False,
         "grad_accum": args.grad_accum,
         "machine": machine(bench.device),
         "torch": torch.__version__,
@@ -337,7 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=["bertadam", "adamw"], default="bertadam", help="(paper: bertadam)")
     parser.add_argument("--no-foreach", action="store_true", help="BertAdam's per-tensor loop instead of foreach")
     parser.add_argument("--fused", action="store_true", help="AdamW's fused kernel")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder towers (inductor)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder towers")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.jsonl"))
