@@ -167,6 +167,25 @@ def gpu_estimate(row: dict, gpu: str, efficiency: float) -> dict:
     }
 
 
+def markdown(rows: list[dict]) -> str:
+    """One line per run: measured CPU seconds (extrapolations marked ~) and the labelled GPU estimate."""
+    lines = [
+        "| machine | size | model | similarity (s) | encode text (s) | encode video (s) | total (s) | "
+        "GEMM vs pair-mask block | GPU estimate (s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        sim = f"{'~' if r['similarity_extrapolated'] else ''}{r['similarity_s']}"
+        speedup = f"{r['block_speedup']}x" if "block_speedup" in r else "-"
+        gpu = r["gpu_estimate"]
+        lines.append(
+            f"| {r['machine']} | {r['size']} {r['captions']}x{r['videos']}, {r['words']}x{r['frames']} | "
+            f"{r['model']} | {sim} | ~{r['encode_text_s']} | ~{r['encode_video_s']} | ~{r['total_s']} | {speedup} | "
+            f"{gpu['total_s']} on {gpu['gpu']} at {gpu['efficiency']:.0%} of peak (estimate) |"
+        )
+    return "\n".join(lines) + "\n\n~: extrapolated from the rows or items actually timed (see the JSON line).\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="msrvtt")
@@ -180,6 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak assumed for the estimate")
     parser.add_argument("--device", default="cpu", help="where to run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/eval_speed.jsonl"))
+    parser.add_argument("--table", type=Path, default=None, help="also write the table of every row of --out here")
     return parser.parse_args(argv)
 
 
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(markdown([json.loads(line) for line in args.out.read_text().splitlines() if line]))
     return row
 
 

@@ -322,6 +322,32 @@ def run(args: argparse.Namespace, loss: str, accelerator: Accelerator) -> dict:
     }
 
 
+def markdown(rows: list[dict]) -> str:
+    """Throughput table and per-phase breakdown of every row that has one (rows of this script's format)."""
+    rows = [r for r in rows if "phases_ms" in r]
+    lines = [
+        "| machine | model | batch | frames x words | precision | loss | bank | optimiser | clips/s | s/step | "
+        "peak memory (MiB) |",
+        "|---|---|---:|---|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['machine']} | {r['model']} | {r['batch']} | {r['frames']} x {r['words']} | {r['precision']} | "
+            f"{r['loss']} | {r['memory_size'] or '-'} | {r['optimizer']}{' compiled' if r['compile'] else ''} | "
+            f"{r['clips_per_s']} | {r['s_per_step']} | {r['peak_memory_mb']} |"
+        )
+    lines += ["", "Where the time goes (synchronised phases, ms per step and share of their sum):", ""]
+    lines += ["| phase | " + " | ".join(f"{r['model']} b{r['batch']} {r['loss']}" for r in rows) + " |"]
+    lines += ["|---|" + "---:|" * len(rows)]
+    for phase in PHASES:
+        cells = [
+            f"{r['phases_ms'][phase]:.1f} ({100 * r['phase_share'][phase]:.0f}%)" if phase in r["phases_ms"] else "-"
+            for r in rows
+        ]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -342,6 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/train_step.jsonl"))
+    parser.add_argument("--table", type=Path, default=None, help="also write the tables of every row of --out here")
     return parser.parse_args(argv)
 
 
@@ -356,6 +383,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(markdown([json.loads(line) for line in args.out.read_text().splitlines() if line]))
     return rows
 
 

@@ -17,7 +17,8 @@ SMOKE = ["--size", "smoke", "--model", "micro", "--encode-items", "4", "--encode
 def test_a_smoke_row_with_the_reference_block_and_an_extrapolated_similarity(tmp_path):
     out = tmp_path / "eval.jsonl"
     full = bench.main([*SMOKE, "--chunk", "16", "--compare-reference", "--out", str(out)])
-    part = bench.main([*SMOKE, "--chunk", "16", "--row-blocks", "1", "--out", str(out)])
+    table = tmp_path / "eval.md"
+    part = bench.main([*SMOKE, "--chunk", "16", "--row-blocks", "1", "--out", str(out), "--table", str(table)])
     assert [json.loads(line)["size"] for line in out.read_text().splitlines()] == ["smoke", "smoke"]
     assert not full["similarity_extrapolated"] and full["similarity_rows_timed"] == 40
     assert part["similarity_extrapolated"] and part["similarity_rows_timed"] == 16
@@ -28,6 +29,9 @@ def test_a_smoke_row_with_the_reference_block_and_an_extrapolated_similarity(tmp
         full["similarity_s"] + full["encode_text_s"] + full["encode_video_s"], abs=0.011
     )
     assert "not a measurement" in full["gpu_estimate"]["note"]
+    lines = table.read_text().splitlines()
+    assert len([line for line in lines if "| smoke 40x30, 8x4 | micro |" in line]) == 2
+    assert f"| ~{part['similarity_s']} |" in lines[3] and "x |" in lines[2]  # extrapolated one marked; speed-up
 
 
 def test_the_gpu_estimate_by_hand():
