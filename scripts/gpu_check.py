@@ -40,7 +40,6 @@ import bench_eval
 import bench_train_step
 import torch
 from accelerate import Accelerator
-from torch.utils.flop_counter import FlopCounterMode
 
 FULL = {
     "model": "vit_b32",
@@ -83,9 +82,8 @@ REDUCED = FULL | {
 def vision_flops_per_frame(model: torch.nn.Module, device: torch.device) -> float:
     """Forward FLOPs of the vision tower (CLIP's image encoder) for one frame."""
     frame = torch.randn(1, 3, model.image_size, model.image_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.clip.visual(frame)
-    return float(counter.get_total_flops())
+    with torch.no_grad():
+        return bench_eval.count_flops(lambda: model.clip.visual(frame))
 
 
 def peak_bf16_flops(device: torch.device) -> tuple[str | None, float | None]:

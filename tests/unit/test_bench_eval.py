@@ -53,3 +53,18 @@ def test_device_names_find_their_peak_figures(name, key):
     assert bench.gpu_spec(name)[0] == key
     with pytest.raises(KeyError, match="no peak figures"):
         bench.gpu_spec("NVIDIA GeForce GTX 1080")
+
+
+def test_flops_are_counted_alike_on_the_attention_fast_path():
+    import torch
+
+    model = bench.MODELS["micro"](False)
+    frames = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.train()
+        training = bench.count_flops(lambda: model.clip.visual(frames))
+        model.eval()  # eval + no_grad would take nn.MultiheadAttention's fused fast path
+        inference = bench.count_flops(lambda: model.clip.visual(frames))
+    assert inference == training > 0
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on (a plain count in eval mode gives 561,152
+    # FLOPs here instead of 643,072: the fused attention op is not counted)
