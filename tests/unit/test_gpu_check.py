@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py in its reduced form on CPU: every part runs and lands in one JSON and one markdown file;
+"""scripts/gpu_check.py in its reduced form on CPU: the parts run and land in one JSON and one markdown file;
 the loader part drives bench_dataloader's functions and reports a loader it lacks instead of failing."""
 
 import json
@@ -16,7 +16,9 @@ gpu_check = pytest.importorskip("gpu_check")
 
 def test_the_reduced_check_runs_every_part_on_cpu(tmp_path):
     out, table = tmp_path / "gpu_check.json", tmp_path / "gpu_check.md"
-    argv = ["--reduced", "--cpu", "--parts", "train", "eval", "compile", "loader", "--out", str(out)]
+    # The compile part is left out for time (two more models and a trace); test_compile_option.py covers the
+    # compiled step's equality and `--reduced --cpu` runs it by default.
+    argv = ["--reduced", "--cpu", "--parts", "train", "eval", "loader", "--out", str(out)]
     results = gpu_check.main([*argv, "--table", str(table)])
     assert json.loads(out.read_text())["mode"].startswith("reduced")
     rows = results["train"]["rows"]
@@ -24,7 +26,7 @@ def test_the_reduced_check_runs_every_part_on_cpu(tmp_path):
     assert all(r["clips_per_s"] > 0 and r["vision_mfu"] is None for r in rows)  # no bf16 peak on a CPU
     assert "bank scoring" in rows[0]["phases_ms"]
     assert results["eval"]["captions"] == 40 and not results["eval"]["similarity_extrapolated"]
-    assert results["compile"]["loss_abs_diff"] < 1e-4, results["compile"]
+    assert "compile" not in results
     assert results["loader"]["skipped"] == "loader_videos is 0"
     text = table.read_text()
     assert "| neighborretr | 22 |" in text and "reduced (smoke test, not a measurement)" in text
