@@ -87,6 +87,9 @@ class FitConfig:
     resume: str | None = None  # null | "latest" | a run folder | a checkpoints/step_* folder
     mixed_precision: str | None = None  # null: the launcher's setting
     cpu: bool = False
+    compile: bool = False  # torch.compile the encoder towers (RetrievalModel.compile_encoders); read by the recipe
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir)

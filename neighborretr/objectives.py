@@ -154,7 +154,8 @@ class NeighborRetrObjective(Objective):
             )
         bank = self.bank.get()
         t, tm, v, vm = features["text"], features["text_mask"], features["video"], features["video_mask"]
-        sim = model.similarity(t, tm, v, vm)
+        # The batch's tokens are prepared once for its own and its two bank similarities.
+        sim, bank_text_to_video, text_to_bank_video = model.similarity_with_bank(t, tm, v, vm, bank)
         text_global, video_global = model.global_tokens(t, tm, v, vm)
         global_sim = model.global_similarity(text_global, video_global)
         text_vec, video_vec = model.global_vectors(text_global, video_global)
@@ -169,7 +170,7 @@ class NeighborRetrObjective(Objective):
                 + nl.kl_consistency_loss(sim.t(), global_sim.t(), self.kl_reduction)
             )
             / 2,
-            "neighbor": self._neighbor(model, sim, features, bank),
+            "neighbor": self._neighbor(sim, bank_text_to_video, text_to_bank_video),
         }
         loss = terms["centrality"] + sum(self.weights[name] * terms[name] for name in self.weights)
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
@@ -177,15 +178,17 @@ class NeighborRetrObjective(Objective):
     def _uniform(self, global_sim: torch.Tensor) -> torch.Tensor:
         return nl.uniform_regularization_loss(global_sim, **self.uniform)
 
-    def _neighbor(self, model, sim: torch.Tensor, features: Features, bank: Features) -> torch.Tensor:
+    def _neighbor(
+        self, sim: torch.Tensor, bank_text_to_video: torch.Tensor, text_to_bank_video: torch.Tensor
+    ) -> torch.Tensor:
         """L_Nbi with candidate centralities from the memory bank: μ of a video = its mean similarity to the bank's
-        texts (t2v rows), μ of a text = its mean similarity to the bank's videos (v2t rows)."""
-        video_mu = nl.bank_centrality(
-            model.similarity(bank["text"], bank["text_mask"], features["video"], features["video_mask"]).t()
-        )
-        text_mu = nl.bank_centrality(
-            model.similarity(features["text"], features["text_mask"], bank["video"], bank["video_mask"])
-        )
+        texts (t2v rows), μ of a text = its mean similarity to the bank's videos (v2t rows).
+
+        Args:
+            sim: [B, B] the batch's similarity; bank_text_to_video: [M, B]; text_to_bank_video: [B, M].
+        """
+        video_mu = nl.bank_centrality(bank_text_to_video.t())
+        text_mu = nl.bank_centrality(text_to_bank_video)
         return (
             nl.neighbor_adjusting_loss(sim, video_mu, **self.neighbor)
             + nl.neighbor_adjusting_loss(sim.t(), text_mu, **self.neighbor)

@@ -59,6 +59,7 @@ RESUME_MAY_CHANGE = (
     "trainer.nonfinite",
     "trainer.max_nonfinite_skips",
     "trainer.cpu",
+    "trainer.compile",  # also compile_backend and compile_mode: they change speed, not the maths
     "trainer.max_grad_norm",
     "trainer.grad_accum",  # accumulation gives the gradients of the whole batch (GradCache), only memory changes
     "model.pretrained",  # the checkpoint's weights replace the backbone's
@@ -154,6 +155,8 @@ def setup_step(cfg: DictConfig, loop: FitConfig, data: VideoTextData, accelerato
         )
     model = build(cfg, "model")
     check_model_data(model, data)
+    if loop.compile:
+        model.compile_encoders(loop.compile_backend, loop.compile_mode)
     objective = build(cfg, "loss")
     if getattr(objective, "bank", None) is not None and not model.high_level:
         raise ConfigError("this loss needs the model's high level: set model.high_level=true")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neighborretr.models.backbone import embed_dim, frame_features, text_token_features, text_tower_shape
-from neighborretr.models.similarity import TokenSimilarity, weighted_token_similarity
+from neighborretr.models.similarity import TokenSimilarity, score_tokens, weighted_token_similarity
 from neighborretr.models.temporal import TemporalTransformer
 from neighborretr.models.token_merging import TokenHierarchy
 
@@ -92,6 +92,32 @@ class RetrievalModel(nn.Module):
         """Token-weighted similarity [Bt, Bv] of text features [Bt, L, D] with video features [Bv, N, D]."""
         return self.sim_head(text, text_mask, video, video_mask)
 
+    def similarity_with_bank(
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
+        bank: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's similarity and its scores against a memory bank, each side prepared once.
+
+        Same values as three `similarity` calls, but the batch's tokens are normalised, masked and weighted once
+        instead of twice each (their gradients add up in one tensor).
+
+        Args:
+            text: [B, L, D], text_mask [B, L], video [B, T, D], video_mask [B, T]: the batch.
+            bank: {"text" [M, L', D], "text_mask" [M, L'], "video" [M, T', D], "video_mask" [M, T']}.
+
+        Returns:
+            sim [B, B] (texts x videos), bank_text_to_video [M, B], text_to_bank_video [B, M].
+        """
+        head = self.sim_head
+        texts, videos = head.prepare_text(text, text_mask), head.prepare_video(video, video_mask)
+        bank_texts = head.prepare_text(bank["text"], bank["text_mask"])
+        bank_videos = head.prepare_video(bank["video"], bank["video_mask"])
+        return score_tokens(texts, videos), score_tokens(bank_texts, videos), score_tokens(texts, bank_videos)
+
     def chunked_similarity(
         self,
         text: torch.Tensor,
@@ -145,6 +171,20 @@ class RetrievalModel(nn.Module):
             "video": self.encode_video(video, video_mask),
             "video_mask": video_mask,
         }
+
+    def compile_encoders(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Compiles the two CLIP towers and the temporal transformer in place with `torch.compile`.
+
+        In place (`nn.Module.compile`), so parameter names, state dicts and checkpoints do not change. The heads
+        stay eager: their clustering (top-k, scatter, data-dependent centres) is small and would mostly break the
+        graph, while the towers are static-shape transformers that hold nearly all of a step's FLOPs.
+
+        Args:
+            backend: a `torch.compile` backend ("inductor" generates kernels; "aot_eager" traces only).
+            mode: a `torch.compile` mode ("max-autotune", "reduce-overhead", ...) or None.
+        """
+        for module in (self.clip.visual, self.clip.transformer, self.temporal):
+            module.compile(backend=backend, mode=mode)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:

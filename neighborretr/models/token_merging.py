@@ -244,10 +244,10 @@ class TCBlock(nn.Module):
         q = self._split(self.q(self.norm1(queries)))
         # W_kv's first D outputs are the keys and the last D the values (the official reshape order).
         k, v = (self._split(t) for t in self.kv(self.norm1(tokens)).chunk(2, dim=-1))
-        logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, C, N]
-        if token_score is not None:
-            logits = logits + token_score[:, None, None, :].to(logits.dtype)
-        attended = logits.softmax(dim=-1) @ v  # [B, H, C, D/H]
+        # softmax(q·kᵀ/√d + score) v through the fused kernel: the score is an additive bias on every query's
+        # and head's logits, which is what scaled_dot_product_attention's float mask is.
+        bias = None if token_score is None else token_score[:, None, None, :].to(q.dtype)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, C, D/H]
         return queries + self.proj(attended.transpose(1, 2).flatten(2))
 
 
