@@ -16,15 +16,22 @@ _SCALE = (1 / (255 * torch.tensor(CLIP_STD))).view(3, 1, 1)
 _SHIFT = (torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).view(3, 1, 1)
 
 
-def clip_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 RGB frames [n, H, W, 3] -> CLIP input [n, 3, S, S]: short side resized to S (bicubic), centre crop,
-    scaled to [0, 1] and normalised with CLIP's mean and std."""
+def resize_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 RGB frames [n, H, W, 3] -> uint8 [n, 3, S, S]: short side resized to S (bicubic, antialiased, rounded
+    back to uint8 as torchvision does for uint8 input), then centre crop. Frames already S x S pass unchanged, so
+    the frame cache can store this result and `clip_frames` of it equals `clip_frames` of the decoded frames."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     if min(x.shape[-2:]) != image_size:
         x = TF.resize(x, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if x.shape[-2:] != (image_size, image_size):
         x = TF.center_crop(x, [image_size, image_size])
-    return x.float().mul_(_SCALE).sub_(_SHIFT)
+    return x
+
+
+def clip_frames(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 RGB frames [n, H, W, 3] -> CLIP input [n, 3, S, S]: `resize_crop`, then scaled to [0, 1] and
+    normalised with CLIP's mean and std."""
+    return resize_crop(frames, image_size).float().mul_(_SCALE).sub_(_SHIFT)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,452 @@
+"""Decode-once frame cache: every video decoded once, its frames kept in a few memory-mapped files.
+
+A training epoch decodes every video again although the frames it can draw never change. The cache decodes
+each video (each record segment) once, at the run's `video_framerate`, and keeps, per entry:
+
+- for deterministic sampling ("head", "uniform"), exactly the frames that sampling picks;
+- for "random" sampling, every candidate frame the draw chooses from (the segment's frames at
+  `video_framerate`), as long as there are at most `max_candidates` of them (default 256, i.e. 4 min at
+  1 fps; a longer entry keeps only its deterministic frames and random draws of it are decoded as before).
+
+Frames are stored as uint8 after `resize_crop` (the model's input size, S x S: "clip" form), which is exactly
+the first half of `clip_frames`, so the cached and the decoded paths give identical tensors. When the training
+clips are augmented (`rand_augment`), augmentation runs on the decoded frames before the resize, so those frames
+are kept as decoded ("source" form, the video's own size) and the resize runs at load time as before.
+
+On disk (`folder/`): `index.json` (format version, the settings the cache serves, build counts),
+`entries.jsonl` (one line per cached entry: shard, byte offset, candidate count, stored positions, shape),
+`shard-NNNN.u8` (raw uint8 frames, appended; a new shard starts past `shard_bytes`) and `failures.txt`
+(one `key<TAB>reason` line per video that could not be decoded). The reader maps the shards read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from neighborretr.data.transforms import resize_crop
+from neighborretr.data.video_io import (
+    SAMPLING_MODES,
+    VideoDecodeError,
+    decode_frames,
+    sample_frame_indices,
+    segment_frames,
+)
+
+FORMAT = 1
+INDEX, ENTRIES, FAILURES = "index.json", "entries.jsonl", "failures.txt"
+DEFAULT_MAX_CANDIDATES = 256
+DEFAULT_SHARD_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache serves: frames decoded by `backend` at `framerate` (None: every frame), `max_frames` per clip
+    drawn by the sampling `modes`, stored in `form` "clip" (uint8 S x S after `resize_crop`, S = `image_size`)
+    or "source" (as decoded, for clips augmented before the resize)."""
+
+    backend: str
+    framerate: float | None
+    max_frames: int
+    image_size: int
+    modes: tuple[str, ...]
+    form: str = "clip"
+
+    def __post_init__(self):
+        unknown = set(self.modes) - set(SAMPLING_MODES)
+        if unknown or not self.modes:
+            raise ValueError(f"frame cache modes {self.modes}: choose from {SAMPLING_MODES}")
+        if self.form not in ("clip", "source"):
+            raise ValueError(f"frame cache form {self.form!r}: choose clip or source")
+        object.__setattr__(self, "modes", tuple(sorted(set(self.modes))))
+        object.__setattr__(self, "framerate", None if self.framerate is None else float(self.framerate))
+
+    def mismatches(self, run: CacheSpec) -> list[str]:
+        """The settings of `run` this cache cannot serve, as `name: cache value != run value` strings."""
+        out = [
+            f"{name}: {getattr(self, name)!r} != {getattr(run, name)!r}"
+            for name in ("backend", "framerate", "max_frames", "image_size", "form")
+            if getattr(self, name) != getattr(run, name)
+        ]
+        missing = sorted(set(run.modes) - set(self.modes))
+        if missing:
+            out.append(f"sampling: built for {list(self.modes)}, the run also uses {missing}")
+        return out
+
+
+def cache_key(video_id: str, start: float | None = None, end: float | None = None) -> str:
+    """The entry name of a video (or of its [start, end] segment)."""
+    return video_id if start is None and end is None else f"{video_id}@{start!r},{end!r}"
+
+
+def stored_positions(count: int, spec: CacheSpec, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> np.ndarray:
+    """Increasing positions among an entry's `count` candidate frames that the cache keeps (see the module doc)."""
+    if "random" in spec.modes and count <= max_candidates:
+        return np.arange(count, dtype=np.int64)
+    keep: set[int] = set()
+    for mode in spec.modes:
+        if mode != "random":  # the deterministic modes need no rng
+            keep.update(sample_frame_indices(count, spec.max_frames, mode).tolist())
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """One entry to build: `path` of the video (None: no file, `reason` says why) and its segment in seconds."""
+
+    key: str
+    path: str | None
+    start: float | None = None
+    end: float | None = None
+    reason: str | None = None
+
+
+def decode_entry(
+    request: CacheRequest, spec: CacheSpec, max_candidates: int = DEFAULT_MAX_CANDIDATES
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """(candidate count, stored positions [k], frames [k, H, W, 3] uint8) of one entry, decoded once.
+
+    Raises VideoDecodeError naming the file when it cannot be decoded."""
+    found: dict = {}
+
+    def choose(total: int, fps: float) -> np.ndarray:
+        candidates = segment_frames(total, fps, request.start, request.end, spec.framerate)
+        found["count"], found["positions"] = len(candidates), stored_positions(len(candidates), spec, max_candidates)
+        # an entry that keeps nothing (random only, over the cap) still decodes one frame: the file is checked
+        return candidates[found["positions"]] if len(found["positions"]) else candidates[:1]
+
+    frames, _ = decode_frames(request.path, choose, spec.backend)
+    frames = frames[: len(found["positions"])]
+    if spec.form == "clip" and len(frames):
+        frames = resize_crop(frames, spec.image_size).permute(0, 2, 3, 1).contiguous().numpy()
+    return found["count"], found["positions"], frames
+
+
+def _job(args: tuple[CacheRequest, CacheSpec, int]) -> tuple[str, object]:
+    """Worker side: ("ok", (count, positions, frames)) or ("failed", reason)."""
+    request, spec, max_candidates = args
+    try:
+        return "ok", decode_entry(request, spec, max_candidates)
+    except VideoDecodeError as err:
+        return "failed", err.reason if err.path else str(err)
+    except Exception as err:  # one bad file must not stop the build; its reason is listed instead
+        return "failed", f"{type(err).__name__}: {err}"
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+class _ShardWriter:
+    """Appends entries to the shards and their lines to the journal. Opening resumes an earlier build: the
+    journal's complete lines are the entries done, and bytes past the last one (a write cut short) are dropped."""
+
+    def __init__(self, folder: Path, shard_bytes: int):
+        self.folder, self.shard_bytes = folder, shard_bytes
+        self.done = {e["key"]: e for e in _journal(folder)}
+        ends: dict[int, int] = {}
+        for e in self.done.values():
+            ends[e["shard"]] = max(ends.get(e["shard"], 0), e["offset"] + int(np.prod(e["shape"])))
+        self.shard = max(ends, default=0)
+        for path in folder.glob("shard-*.u8"):  # drop partial writes, and shards no entry reaches
+            number = int(path.stem.split("-")[1])
+            if number in ends:
+                os.truncate(path, ends[number])
+            else:
+                path.unlink()
+        self.offset = ends.get(self.shard, 0)
+        self._rewrite_journal()
+        self.journal = open(folder / ENTRIES, "a", encoding="utf-8")
+        self.data = open(_shard_path(folder, self.shard), "ab")
+
+    def _rewrite_journal(self) -> None:
+        """The journal without a torn last line, so that appended lines start on their own line."""
+        text = "".join(json.dumps(e) + "\n" for e in self.done.values())
+        (self.folder / ENTRIES).write_text(text, encoding="utf-8")
+
+    def append(self, key: str, count: int, positions: np.ndarray, frames: np.ndarray) -> None:
+        if self.offset and self.offset + frames.nbytes > self.shard_bytes:
+            self.data.close()
+            self.shard, self.offset = self.shard + 1, 0
+            self.data = open(_shard_path(self.folder, self.shard), "ab")
+        self.data.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        self.data.flush()  # the frames are on disk before the journal says so
+        stored = "all" if len(positions) == count else positions.tolist()
+        entry = {"key": key, "shard": self.shard, "offset": self.offset, "count": count, "positions": stored}
+        entry["shape"] = list(frames.shape)
+        self.journal.write(json.dumps(entry) + "\n")
+        self.journal.flush()
+        self.done[key] = entry
+        self.offset += frames.nbytes
+
+    def close(self) -> None:
+        self.data.close()
+        self.journal.close()
+
+
+def _shard_path(folder: Path, number: int) -> Path:
+    return folder / f"shard-{number:04d}.u8"
+
+
+def _journal(folder: Path) -> Iterator[dict]:
+    """The journal's complete entries (a line cut short by a crash is ignored)."""
+    path = folder / ENTRIES
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
+def _read_index(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{folder / INDEX} is not valid JSON ({err}); delete the folder and rebuild") from err
+
+
+def _write_index(folder: Path, header: dict) -> None:
+    partial = folder / (INDEX + ".partial")
+    partial.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, folder / INDEX)
+
+
+def _spec_of(header: dict, folder: Path) -> CacheSpec:
+    if header.get("format") != FORMAT:
+        raise ValueError(
+            f"{folder} holds a frame cache of format {header.get('format')}, this version reads format {FORMAT}: "
+            "rebuild it with neighborretr-cache-frames into an empty folder"
+        )
+    return CacheSpec(**{**header["spec"], "modes": tuple(header["spec"]["modes"])})
+
+
+@dataclass
+class CacheSummary:
+    """Outcome of `build_frame_cache`, by entry key."""
+
+    cached: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already in the cache (a resumed build)
+    failed: dict[str, str] = field(default_factory=dict)
+    over_cap: list[str] = field(default_factory=list)  # random draws of these are decoded (too many candidates)
+    bytes: int = 0  # size of the shards
+
+
+def build_frame_cache(
+    requests: Iterable[CacheRequest],
+    folder: str | Path,
+    spec: CacheSpec,
+    workers: int | None = None,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> CacheSummary:
+    """Decode every requested entry once into the cache at `folder`, in `workers` processes (default: all CPUs).
+
+    Resumable: entries already in the folder are skipped (a build cut short loses at most the entry being written);
+    a folder built for other settings is refused. Failures are listed in `folder/failures.txt` and the summary,
+    and are retried by the next build."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    old = _read_index(folder)
+    if old is not None and _spec_of(old, folder) != spec:
+        raise ValueError(
+            f"{folder} holds a frame cache for other settings ({'; '.join(_spec_of(old, folder).mismatches(spec))}); "
+            "choose another folder or delete it"
+        )
+    header = {"format": FORMAT, "spec": asdict(spec), "max_candidates": max_candidates, "complete": False}
+    _write_index(folder, header)
+    writer = _ShardWriter(folder, shard_bytes)
+    unique = list({r.key: r for r in requests}.values())
+    summary = CacheSummary(skipped=sorted(k for k in (r.key for r in unique) if k in writer.done))
+    todo = [r for r in unique if r.key not in writer.done]
+    for r in todo:
+        if r.path is None:
+            summary.failed[r.key] = r.reason or "no video file"
+    jobs = [(r, spec, max_candidates) for r in todo if r.path is not None]
+    try:
+        with tqdm(total=len(jobs), desc="caching frames", unit="video", disable=not progress) as bar:
+            for (request, _, _), (status, result) in _run(jobs, workers):
+                if status == "ok":
+                    count, positions, frames = result
+                    writer.append(request.key, count, positions, frames)
+                    summary.cached.append(request.key)
+                else:
+                    summary.failed[request.key] = result
+                bar.update()
+    finally:
+        writer.close()
+    summary.over_cap = sorted(
+        e["key"] for e in writer.done.values() if "random" in spec.modes and e["positions"] != "all"
+    )
+    summary.bytes = sum(p.stat().st_size for p in folder.glob("shard-*.u8"))
+    summary.failed = dict(sorted(summary.failed.items()))
+    (folder / FAILURES).write_text("".join(f"{k}\t{v}\n" for k, v in summary.failed.items()), encoding="utf-8")
+    counts = {"entries": len(writer.done), "failed": len(summary.failed), "over_cap": len(summary.over_cap)}
+    _write_index(folder, header | {"complete": True, "counts": counts, "bytes": summary.bytes})
+    return summary
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Workers forked from this process, as DataLoader workers are: a fresh interpreter per worker (spawn,
+    forkserver) would import torch again, which costs more than small caches take to build. Forking is safe here
+    because the builder holds no open decoder when it forks (decode_frames closes each one; decord #294 is about
+    readers alive across the fork); where fork does not exist, workers are spawned."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+
+def _run(jobs: list[tuple], workers: int | None) -> Iterator[tuple[tuple, tuple[str, object]]]:
+    """(job, result) for every job, as they finish, with at most 2 x `workers` decoded entries in memory.
+
+    A worker that dies (a decoder crash on a malformed file) breaks the pool: the jobs then in flight are listed
+    as failed (the next build retries them) and the rest continue in a new pool."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(jobs) < 2:
+        yield from ((job, _job(job)) for job in jobs)
+        return
+    queue = list(reversed(jobs))
+    while queue:
+        with _pool(workers) as pool:
+            in_flight: dict[Future, tuple] = {}
+            broken = False
+            while (queue or in_flight) and not broken:
+                while queue and len(in_flight) < 2 * workers:
+                    job = queue.pop()
+                    in_flight[pool.submit(_job, job)] = job
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = in_flight.pop(future)
+                    try:
+                        yield job, future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        yield job, ("failed", "the decoding process crashed on this file or beside it")
+            for job in in_flight.values():  # only after a break: the pool lost them
+                yield job, ("failed", "the decoding process crashed on this file or beside it")
+
+
+def estimate_bytes(
+    requests: list[CacheRequest],
+    spec: CacheSpec,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    sample: int = 16,
+    seed: int = 0,
+) -> tuple[int, int]:
+    """(estimated shard bytes for all `requests`, entries sampled): the frames kept per entry and their size are
+    read from up to `sample` randomly chosen entries (one frame decoded each) and scaled to all entries."""
+    usable = [r for r in requests if r.path is not None]
+    if not usable:
+        return 0, 0
+    picked = np.random.default_rng(seed).permutation(len(usable))[:sample]
+    sizes = []
+    for i in picked:
+        request, shape = usable[i], {}
+
+        def choose(total: int, fps: float, request=request, shape=shape) -> np.ndarray:
+            candidates = segment_frames(total, fps, request.start, request.end, spec.framerate)
+            shape["kept"] = len(stored_positions(len(candidates), spec, max_candidates))
+            return candidates[:1]
+
+        try:
+            frames, _ = decode_frames(request.path, choose, spec.backend)
+        except VideoDecodeError:
+            continue
+        side = (spec.image_size, spec.image_size) if spec.form == "clip" else frames.shape[1:3]
+        sizes.append(shape["kept"] * side[0] * side[1] * 3)
+    if not sizes:
+        return 0, 0
+    return int(np.mean(sizes) * len(usable)), len(sizes)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shard: int
+    offset: int
+    count: int  # candidate frames of the entry
+    rows: np.ndarray | None  # row of each candidate position in the stored block (-1: not stored); None: all
+    shape: tuple[int, ...]  # stored block [k, H, W, 3]
+
+
+class FrameCache:
+    """Read side of a frame cache folder: `frames(key, max_frames, mode, rng)` draws exactly as `read_frames`
+    would and returns the stored frames, or None when the entry (or a drawn frame) is not in the cache, in which
+    case `rng` has not been used, so the caller decodes with the same draw.
+
+    Open it with `FrameCache.open(folder, spec)` to refuse a cache built for other settings. The shards are
+    memory-mapped on first use in each process (the object pickles without its maps, for loader workers).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        header = _read_index(self.folder)
+        if header is None:
+            raise FileNotFoundError(
+                f"data.frame_cache={self.folder}: no frame cache there ({INDEX} missing); build it with "
+                "neighborretr-cache-frames (same data settings) or set data.frame_cache=null"
+            )
+        self.spec = _spec_of(header, self.folder)
+        self.complete = bool(header.get("complete"))
+        self.entries = {e["key"]: _entry(e) for e in _journal(self.folder)}
+        self._maps: dict[int, np.memmap] = {}
+
+    @classmethod
+    def open(cls, folder: str | Path, spec: CacheSpec) -> FrameCache:
+        """The cache at `folder`, refused (ValueError saying what differs) when it cannot serve `spec`."""
+        cache = cls(folder)
+        differ = cache.spec.mismatches(spec)
+        if differ:
+            raise ValueError(
+                f"data.frame_cache={folder} was built for other settings ({'; '.join(differ)}): rebuild it with "
+                "neighborretr-cache-frames and this run's data settings, or set data.frame_cache=null"
+            )
+        return cache
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": {}}
+
+    def _block(self, entry: _Entry) -> np.ndarray:
+        if entry.shard not in self._maps:
+            self._maps[entry.shard] = np.memmap(_shard_path(self.folder, entry.shard), dtype=np.uint8, mode="r")
+        size = int(np.prod(entry.shape))
+        return self._maps[entry.shard][entry.offset : entry.offset + size].reshape(entry.shape)
+
+    def frames(self, key: str, max_frames: int, mode: str, rng: np.random.Generator | None = None) -> np.ndarray | None:
+        """The frames [n, H, W, 3] uint8 that `read_frames(path, max_frames, mode, rng, ...)` returns for the entry
+        (H = W = image_size in "clip" form), or None (rng untouched) when they are not all stored."""
+        entry = self.entries.get(key)
+        if entry is None or (mode == "random" and entry.rows is not None):
+            return None  # random draws are served only from entries that keep every candidate
+        positions = sample_frame_indices(entry.count, max_frames, mode, rng)
+        rows = positions if entry.rows is None else entry.rows[positions]
+        if (rows < 0).any():
+            return None
+        return np.ascontiguousarray(self._block(entry)[rows])  # a copy: the map stays read-only and shared
+
+
+def _entry(line: dict) -> _Entry:
+    rows = None
+    if line["positions"] != "all":
+        rows = np.full(line["count"], -1, dtype=np.int64)
+        rows[np.asarray(line["positions"], dtype=np.int64)] = np.arange(len(line["positions"]))
+    return _Entry(line["shard"], line["offset"], line["count"], rows, tuple(line["shape"]))
