@@ -129,11 +129,9 @@ class VideoTextDataset(Dataset):
         frames = self._frames(record, rng)
         if self.train and self.augment is not None:
             frames = self.augment(frames, int(rng.integers(2**31)))
-        clip = clip_frames(frames, self.image_size)
-        video = torch.zeros(self.max_frames, *clip.shape[1:])
-        video[: len(clip)] = clip
+        video = clip_frames(frames, self.image_size, length=self.max_frames)  # zero frames after the clip's
         mask = torch.zeros(self.max_frames, dtype=torch.long)
-        mask[: len(clip)] = 1
+        mask[: len(frames)] = 1
         return video, mask
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from neighborretr.data.annotations import Record
 from neighborretr.data.transforms import resize_crop
+from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import (
     SAMPLING_MODES,
     VideoDecodeError,
@@ -108,6 +110,18 @@ class CacheRequest:
     start: float | None = None
     end: float | None = None
     reason: str | None = None
+
+
+def cache_requests(records: Iterable[Record], videos: VideoIndex) -> list[CacheRequest]:
+    """One entry per distinct (video, segment) of `records`, with its file in `videos` (or why there is none)."""
+    requests: dict[str, CacheRequest] = {}
+    for r in records:
+        key = cache_key(r.video_id, r.start, r.end)
+        if key not in requests:
+            path = videos.find(r)
+            reason = None if path is not None else videos.describe_missing(r)
+            requests[key] = CacheRequest(key, None if path is None else str(path), r.start, r.end, reason)
+    return list(requests.values())
 
 
 def decode_entry(

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from neighborretr.data.annotations import PARSERS, Record
 from neighborretr.data.dataset import VideoTextDataset
-from neighborretr.data.frame_cache import CacheRequest, CacheSpec, FrameCache, cache_key
+from neighborretr.data.frame_cache import CacheRequest, CacheSpec, FrameCache, cache_requests
 from neighborretr.data.sampler import EpochShuffleSampler
 from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
@@ -169,14 +169,7 @@ class VideoTextData:
 
     def cache_requests(self, records: list[Record]) -> list[CacheRequest]:
         """One frame-cache entry per distinct (video, segment) of `records`, with its file (or why there is none)."""
-        requests = {}
-        for r in records:
-            key = cache_key(r.video_id, r.start, r.end)
-            if key not in requests:
-                path = self.videos.find(r)
-                reason = None if path is not None else self.videos.describe_missing(r)
-                requests[key] = CacheRequest(key, None if path is None else str(path), r.start, r.end, reason)
-        return list(requests.values())
+        return cache_requests(records, self.videos)
 
     def _loader_context(self) -> str | None:
         return "spawn" if self.decode_device != "cpu" and self.num_workers else None
