@@ -25,7 +25,7 @@ SHOWN = 20  # failures printed on the console; failures.txt has all of them
 
 
 def _gb(size: float) -> str:
-    return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def report(summary: CacheSummary, folder: Path) -> str:

@@ -165,7 +165,12 @@ class VideoTextData:
 
     @functools.cached_property
     def _frame_cache(self) -> FrameCache | None:
-        return FrameCache.open(self.frame_cache, self.cache_spec()) if self.frame_cache else None
+        if not self.frame_cache:
+            return None
+        try:
+            return FrameCache.open(self.frame_cache, self.cache_spec())
+        except FileNotFoundError as err:  # a setting to fix, reported like the other refused settings
+            raise ValueError(str(err)) from err
 
     def cache_requests(self, records: list[Record]) -> list[CacheRequest]:
         """One frame-cache entry per distinct (video, segment) of `records`, with its file (or why there is none)."""
