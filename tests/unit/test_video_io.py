@@ -288,3 +288,9 @@ def test_clip_frames_matches_torchvision_reference():
     x = TF.center_crop(TF.resize(x, 32, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [32, 32])
     reference = TF.normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)
     torch.testing.assert_close(clip_frames(frames, 32), reference, atol=1e-5, rtol=0)
+
+
+def test_only_torchcodec_decodes_off_the_cpu(tmp_path):
+    path = write_numbered_video(tmp_path / "v.mp4", num_frames=4)
+    with pytest.raises(ValueError, match="decoding on cuda needs backend torchcodec"):
+        read_frames(path, 2, backend="pyav", device="cuda")
