@@ -58,12 +58,14 @@ def cache_frames(cfg: DictConfig) -> CacheSummary:
         raise ConfigError(str(err)) from err
     requests = data.cache_requests(records)
     spec, cap = data.cache_spec(), cfg.cache.max_candidates
-    estimate, sampled = estimate_bytes(requests, spec, cap)
+    compress, quality = cfg.cache.compress, cfg.cache.quality
+    estimate, sampled = estimate_bytes(requests, spec, cap, compress=compress, quality=quality)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     print(
         f"{len(requests)} videos of {', '.join(cfg.cache.splits)} ({data.benchmark}), frames in {spec.form} form "
-        f"({spec.max_frames} frames, {spec.framerate or 'all'} fps, sampling {'/'.join(spec.modes)}): estimated "
+        f"({spec.max_frames} frames, {spec.framerate or 'all'} fps, sampling {'/'.join(spec.modes)}"
+        f"{f', JPEG quality {quality}' if compress == 'jpeg' else ''}): estimated "
         f"{_gb(estimate)} (from {sampled} sampled videos), {_gb(free)} free in {folder}",
         flush=True,
     )
@@ -75,6 +77,8 @@ def cache_frames(cfg: DictConfig) -> CacheSummary:
         max_candidates=cap,
         shard_bytes=int(cfg.cache.shard_gb * 2**30),
         progress=cfg.cache.progress,
+        compress=compress,
+        quality=quality,
     )
     print(report(summary, folder))
     return summary

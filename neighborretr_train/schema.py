@@ -88,6 +88,8 @@ class CacheSettings:
     workers: int | None = None
     max_candidates: int = 256
     shard_gb: float = 4.0
+    compress: typing.Literal["none", "jpeg"] = "none"
+    quality: int = 95
     progress: bool = True
 
     def __post_init__(self):
@@ -97,6 +99,8 @@ class CacheSettings:
                 raise SchemaError(f"cache.{name}={value} must be >= 1")
         if not self.shard_gb > 0:
             raise SchemaError(f"cache.shard_gb={self.shard_gb} must be > 0")
+        if not 1 <= self.quality <= 100:
+            raise SchemaError(f"cache.quality={self.quality} must be in 1..100")
 
 
 # Overrides of the saved run's data settings (neighborretr-eval): the data target's keys, each may be null.

@@ -17,6 +17,10 @@ On disk (`folder/`): `index.json` (format version, the settings the cache serves
 `entries.jsonl` (one line per cached entry: shard, byte offset, candidate count, stored positions, shape),
 `shard-NNNN.u8` (raw uint8 frames, appended; a new shard starts past `shard_bytes`) and `failures.txt`
 (one `key<TAB>reason` line per video that could not be decoded). The reader maps the shards read-only.
+
+Where the raw frames do not fit (ActivityNet at 64 frames of 224 px is about 145 GB), `compress="jpeg"` stores
+each frame as a JPEG (quality 95 by default, about a fifth of the size): then the cached frames are no longer the
+decoded ones bit for bit (a few levels of difference per pixel, like a re-encode), which the folder records.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from neighborretr.data.annotations import Record
@@ -48,6 +53,7 @@ FORMAT = 1
 INDEX, ENTRIES, FAILURES = "index.json", "entries.jsonl", "failures.txt"
 DEFAULT_MAX_CANDIDATES = 256
 DEFAULT_SHARD_BYTES = 4 * 2**30
+COMPRESSIONS = ("none", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -145,11 +151,12 @@ def decode_entry(
     return found["count"], found["positions"], frames
 
 
-def _job(args: tuple[CacheRequest, CacheSpec, int]) -> tuple[str, object]:
-    """Worker side: ("ok", (count, positions, frames)) or ("failed", reason)."""
-    request, spec, max_candidates = args
+def _job(args: tuple[CacheRequest, CacheSpec, int, int | None]) -> tuple[str, object]:
+    """Worker side: ("ok", (count, positions, frames or their JPEG files)) or ("failed", reason)."""
+    request, spec, max_candidates, quality = args
     try:
-        return "ok", decode_entry(request, spec, max_candidates)
+        count, positions, frames = decode_entry(request, spec, max_candidates)
+        return "ok", (count, positions, frames if quality is None else _compressed(frames, quality))
     except VideoDecodeError as err:
         return "failed", err.reason if err.path else str(err)
     except Exception as err:  # one bad file must not stop the build; its reason is listed instead
@@ -168,7 +175,7 @@ class _ShardWriter:
         self.done = {e["key"]: e for e in _journal(folder)}
         ends: dict[int, int] = {}
         for e in self.done.values():
-            ends[e["shard"]] = max(ends.get(e["shard"], 0), e["offset"] + int(np.prod(e["shape"])))
+            ends[e["shard"]] = max(ends.get(e["shard"], 0), e["offset"] + _nbytes(e))
         self.shard = max(ends, default=0)
         for path in folder.glob("shard-*.u8"):  # drop partial writes, and shards no entry reaches
             number = int(path.stem.split("-")[1])
@@ -186,24 +193,39 @@ class _ShardWriter:
         text = "".join(json.dumps(e) + "\n" for e in self.done.values())
         (self.folder / ENTRIES).write_text(text, encoding="utf-8")
 
-    def append(self, key: str, count: int, positions: np.ndarray, frames: np.ndarray) -> None:
-        if self.offset and self.offset + frames.nbytes > self.shard_bytes:
+    def append(self, key: str, count: int, positions: np.ndarray, frames: np.ndarray | list[bytes]) -> None:
+        """Stores an entry's frames: an array [k, H, W, 3] uint8, or k JPEG files (see `_compressed`)."""
+        shape = list(frames.shape) if isinstance(frames, np.ndarray) else None
+        blob = np.ascontiguousarray(frames, dtype=np.uint8).tobytes() if shape else b"".join(frames)
+        if self.offset and self.offset + len(blob) > self.shard_bytes:
             self.data.close()
             self.shard, self.offset = self.shard + 1, 0
             self.data = open(_shard_path(self.folder, self.shard), "ab")
-        self.data.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+        self.data.write(blob)
         self.data.flush()  # the frames are on disk before the journal says so
         stored = "all" if len(positions) == count else positions.tolist()
         entry = {"key": key, "shard": self.shard, "offset": self.offset, "count": count, "positions": stored}
-        entry["shape"] = list(frames.shape)
+        entry |= {"shape": shape} if shape else {"jpeg_bytes": [len(f) for f in frames]}
         self.journal.write(json.dumps(entry) + "\n")
         self.journal.flush()
         self.done[key] = entry
-        self.offset += frames.nbytes
+        self.offset += len(blob)
 
     def close(self) -> None:
         self.data.close()
         self.journal.close()
+
+
+def _nbytes(entry: dict) -> int:
+    return sum(entry["jpeg_bytes"]) if "jpeg_bytes" in entry else int(np.prod(entry["shape"]))
+
+
+def _compressed(frames: np.ndarray, quality: int) -> list[bytes]:
+    """Each frame [H, W, 3] uint8 as a JPEG file."""
+    from torchvision.io import encode_jpeg
+
+    chw = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    return [encode_jpeg(f.contiguous(), quality=quality).numpy().tobytes() for f in chw]
 
 
 def _shard_path(folder: Path, number: int) -> Path:
@@ -255,6 +277,7 @@ class CacheSummary:
     failed: dict[str, str] = field(default_factory=dict)
     over_cap: list[str] = field(default_factory=list)  # random draws of these are decoded (too many candidates)
     bytes: int = 0  # size of the shards
+    compress: str = "none"
 
 
 def build_frame_cache(
@@ -265,21 +288,30 @@ def build_frame_cache(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    compress: str = "none",
+    quality: int = 95,
 ) -> CacheSummary:
     """Decode every requested entry once into the cache at `folder`, in `workers` processes (default: all CPUs).
 
+    `compress="jpeg"` stores JPEG files of `quality` instead of raw frames (smaller, no longer bit-exact).
     Resumable: entries already in the folder are skipped (a build cut short loses at most the entry being written);
     a folder built for other settings is refused. Failures are listed in `folder/failures.txt` and the summary,
     and are retried by the next build."""
+    if compress not in COMPRESSIONS:
+        raise ValueError(f"frame cache compression {compress!r}: choose one of {COMPRESSIONS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     old = _read_index(folder)
-    if old is not None and _spec_of(old, folder) != spec:
+    differ = [] if old is None else _spec_of(old, folder).mismatches(spec)
+    if old is not None and old.get("compress", "none") != compress:
+        differ.append(f"compress: {old.get('compress', 'none')!r} != {compress!r}")
+    if differ or (old is not None and _spec_of(old, folder) != spec):
         raise ValueError(
-            f"{folder} holds a frame cache for other settings ({'; '.join(_spec_of(old, folder).mismatches(spec))}); "
+            f"{folder} holds a frame cache for other settings ({'; '.join(differ) or 'sampling'}); "
             "choose another folder or delete it"
         )
-    header = {"format": FORMAT, "spec": asdict(spec), "max_candidates": max_candidates, "complete": False}
+    header = {"format": FORMAT, "spec": asdict(spec), "max_candidates": max_candidates, "compress": compress}
+    header |= {"quality": quality if compress == "jpeg" else None, "complete": False}
     _write_index(folder, header)
     writer = _ShardWriter(folder, shard_bytes)
     unique = list({r.key: r for r in requests}.values())
@@ -288,10 +320,10 @@ def build_frame_cache(
     for r in todo:
         if r.path is None:
             summary.failed[r.key] = r.reason or "no video file"
-    jobs = [(r, spec, max_candidates) for r in todo if r.path is not None]
+    jobs = [(r, spec, max_candidates, quality if compress == "jpeg" else None) for r in todo if r.path is not None]
     try:
         with tqdm(total=len(jobs), desc="caching frames", unit="video", disable=not progress) as bar:
-            for (request, _, _), (status, result) in _run(jobs, workers):
+            for (request, *_), (status, result) in _run(jobs, workers):
                 if status == "ok":
                     count, positions, frames = result
                     writer.append(request.key, count, positions, frames)
@@ -305,6 +337,7 @@ def build_frame_cache(
         e["key"] for e in writer.done.values() if "random" in spec.modes and e["positions"] != "all"
     )
     summary.bytes = sum(p.stat().st_size for p in folder.glob("shard-*.u8"))
+    summary.compress = compress
     summary.failed = dict(sorted(summary.failed.items()))
     (folder / FAILURES).write_text("".join(f"{k}\t{v}\n" for k, v in summary.failed.items()), encoding="utf-8")
     counts = {"entries": len(writer.done), "failed": len(summary.failed), "over_cap": len(summary.over_cap)}
@@ -357,28 +390,31 @@ def estimate_bytes(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     sample: int = 16,
     seed: int = 0,
+    compress: str = "none",
+    quality: int = 95,
 ) -> tuple[int, int]:
     """(estimated shard bytes for all `requests`, entries sampled): the frames kept per entry and their size are
-    read from up to `sample` randomly chosen entries (one frame decoded each) and scaled to all entries."""
+    read from up to `sample` randomly chosen entries (one frame decoded each, JPEG-compressed when `compress` says
+    so) and scaled to all entries."""
     usable = [r for r in requests if r.path is not None]
-    if not usable:
-        return 0, 0
     picked = np.random.default_rng(seed).permutation(len(usable))[:sample]
     sizes = []
     for i in picked:
-        request, shape = usable[i], {}
+        request, kept = usable[i], {}
 
-        def choose(total: int, fps: float, request=request, shape=shape) -> np.ndarray:
+        def choose(total: int, fps: float, request=request, kept=kept) -> np.ndarray:
             candidates = segment_frames(total, fps, request.start, request.end, spec.framerate)
-            shape["kept"] = len(stored_positions(len(candidates), spec, max_candidates))
+            kept["frames"] = len(stored_positions(len(candidates), spec, max_candidates))
             return candidates[:1]
 
         try:
-            frames, _ = decode_frames(request.path, choose, spec.backend)
+            frame, _ = decode_frames(request.path, choose, spec.backend)
         except VideoDecodeError:
             continue
-        side = (spec.image_size, spec.image_size) if spec.form == "clip" else frames.shape[1:3]
-        sizes.append(shape["kept"] * side[0] * side[1] * 3)
+        if spec.form == "clip":
+            frame = resize_crop(frame, spec.image_size).permute(0, 2, 3, 1).numpy()
+        per_frame = len(_compressed(frame, quality)[0]) if compress == "jpeg" else frame.nbytes
+        sizes.append(kept["frames"] * per_frame)
     if not sizes:
         return 0, 0
     return int(np.mean(sizes) * len(usable)), len(sizes)
@@ -393,7 +429,8 @@ class _Entry:
     offset: int
     count: int  # candidate frames of the entry
     rows: np.ndarray | None  # row of each candidate position in the stored block (-1: not stored); None: all
-    shape: tuple[int, ...]  # stored block [k, H, W, 3]
+    shape: tuple[int, ...] | None  # stored block [k, H, W, 3]; None: JPEG files
+    jpeg_ends: np.ndarray | None = None  # end offset of each stored JPEG file after `offset`
 
 
 class FrameCache:
@@ -415,6 +452,7 @@ class FrameCache:
             )
         self.spec = _spec_of(header, self.folder)
         self.complete = bool(header.get("complete"))
+        self.compress = header.get("compress", "none")
         self.entries = {e["key"]: _entry(e) for e in _journal(self.folder)}
         self._maps: dict[int, np.memmap] = {}
 
@@ -439,11 +477,22 @@ class FrameCache:
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": {}}
 
-    def _block(self, entry: _Entry) -> np.ndarray:
-        if entry.shard not in self._maps:
-            self._maps[entry.shard] = np.memmap(_shard_path(self.folder, entry.shard), dtype=np.uint8, mode="r")
-        size = int(np.prod(entry.shape))
-        return self._maps[entry.shard][entry.offset : entry.offset + size].reshape(entry.shape)
+    def _shard(self, number: int) -> np.memmap:
+        if number not in self._maps:
+            self._maps[number] = np.memmap(_shard_path(self.folder, number), dtype=np.uint8, mode="r")
+        return self._maps[number]
+
+    def _rows(self, entry: _Entry, rows: np.ndarray) -> np.ndarray:
+        """The stored frames `rows` of `entry`, [len(rows), H, W, 3] uint8 (a copy)."""
+        shard = self._shard(entry.shard)
+        if entry.jpeg_ends is None:
+            size = int(np.prod(entry.shape))
+            return np.ascontiguousarray(shard[entry.offset : entry.offset + size].reshape(entry.shape)[rows])
+        from torchvision.io import decode_jpeg
+
+        starts = np.concatenate([[0], entry.jpeg_ends[:-1]]) + entry.offset
+        files = [torch.from_numpy(np.array(shard[starts[r] : entry.offset + entry.jpeg_ends[r]])) for r in rows]
+        return torch.stack([decode_jpeg(f) for f in files]).permute(0, 2, 3, 1).contiguous().numpy()
 
     def frames(self, key: str, max_frames: int, mode: str, rng: np.random.Generator | None = None) -> np.ndarray | None:
         """The frames [n, H, W, 3] uint8 that `read_frames(path, max_frames, mode, rng, ...)` returns for the entry
@@ -455,7 +504,7 @@ class FrameCache:
         rows = positions if entry.rows is None else entry.rows[positions]
         if (rows < 0).any():
             return None
-        return np.ascontiguousarray(self._block(entry)[rows])  # a copy: the map stays read-only and shared
+        return self._rows(entry, rows)  # a copy: the map stays read-only and shared
 
 
 def _entry(line: dict) -> _Entry:
@@ -463,4 +512,7 @@ def _entry(line: dict) -> _Entry:
     if line["positions"] != "all":
         rows = np.full(line["count"], -1, dtype=np.int64)
         rows[np.asarray(line["positions"], dtype=np.int64)] = np.arange(len(line["positions"]))
+    if "jpeg_bytes" in line:
+        ends = np.cumsum(np.asarray(line["jpeg_bytes"], dtype=np.int64))
+        return _Entry(line["shard"], line["offset"], line["count"], rows, None, ends)
     return _Entry(line["shard"], line["offset"], line["count"], rows, tuple(line["shape"]))

@@ -206,3 +206,21 @@ def test_size_estimate(videos):
     # every candidate at 64x48: 90 + 40 + 7 + the frames of the 1.0-2.5 s segment, over 4 entries
     kept = 90 + 40 + 7 + len(segment_frames(90, 25.0, 1.0, 2.5))
     assert estimate_bytes(requests(videos), source) == (kept * 48 * 64 * 3, 4)
+
+
+def test_jpeg_cache_is_smaller_and_close(videos, tmp_path):
+    """The compressed form: the same draws, pixels a few levels off (a re-encode), a fraction of the size."""
+    spec = CacheSpec("pyav", None, FRAMES, SIZE, ("uniform", "random"))
+    raw = build_frame_cache(requests(videos), tmp_path / "raw", spec, workers=1, progress=False)
+    jpeg = build_frame_cache(requests(videos), tmp_path / "jpeg", spec, workers=1, progress=False, compress="jpeg")
+    estimate, _ = estimate_bytes(requests(videos), spec, compress="jpeg")
+    assert jpeg.bytes < raw.bytes / 2 and 0.5 < estimate / jpeg.bytes < 2
+    exact, lossy = FrameCache(tmp_path / "raw"), FrameCache(tmp_path / "jpeg")
+    assert lossy.compress == "jpeg"
+    for key in exact.entries:
+        a = exact.frames(key, FRAMES, "random", np.random.default_rng(0))
+        b = lossy.frames(key, FRAMES, "random", np.random.default_rng(0))
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert a.shape == b.shape and diff.mean() < 4, diff.mean()
+    with pytest.raises(ValueError, match="compress: 'jpeg' != 'none'"):
+        build_frame_cache(requests(videos), tmp_path / "jpeg", spec, workers=1, progress=False)
