@@ -301,15 +301,7 @@ def build_frame_cache(
         raise ValueError(f"frame cache compression {compress!r}: choose one of {COMPRESSIONS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    old = _read_index(folder)
-    differ = [] if old is None else _spec_of(old, folder).mismatches(spec)
-    if old is not None and old.get("compress", "none") != compress:
-        differ.append(f"compress: {old.get('compress', 'none')!r} != {compress!r}")
-    if differ or (old is not None and _spec_of(old, folder) != spec):
-        raise ValueError(
-            f"{folder} holds a frame cache for other settings ({'; '.join(differ) or 'sampling'}); "
-            "choose another folder or delete it"
-        )
+    _check_resumable(folder, spec, compress)
     header = {"format": FORMAT, "spec": asdict(spec), "max_candidates": max_candidates, "compress": compress}
     header |= {"quality": quality if compress == "jpeg" else None, "complete": False}
     _write_index(folder, header)
@@ -343,6 +335,21 @@ def build_frame_cache(
     counts = {"entries": len(writer.done), "failed": len(summary.failed), "over_cap": len(summary.over_cap)}
     _write_index(folder, header | {"complete": True, "counts": counts, "bytes": summary.bytes})
     return summary
+
+
+def _check_resumable(folder: Path, spec: CacheSpec, compress: str) -> None:
+    """Refuses a folder that holds a cache of other settings: resumed entries would mix them."""
+    old = _read_index(folder)
+    if old is None:
+        return
+    differ = _spec_of(old, folder).mismatches(spec)
+    if old.get("compress", "none") != compress:
+        differ.append(f"compress: {old.get('compress', 'none')!r} != {compress!r}")
+    if differ or _spec_of(old, folder) != spec:
+        raise ValueError(
+            f"{folder} holds a frame cache for other settings ({'; '.join(differ) or 'sampling'}); "
+            "choose another folder or delete it"
+        )
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from neighborretr.data.annotations import PARSERS, Record
 from neighborretr.data.dataset import VideoTextDataset
-from neighborretr.data.frame_cache import CacheRequest, CacheSpec, FrameCache, cache_requests
+from neighborretr.data.frame_cache import CacheRequest, CacheSpec, FrameCache, cache_key, cache_requests
 from neighborretr.data.sampler import EpochShuffleSampler
 from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
@@ -138,7 +138,10 @@ class VideoTextData:
         return VideoIndex(self.video_dir)
 
     def bad_videos(self, records: list[Record], progress: bool = True) -> dict[str, str]:
-        """{video_id: reason} of every missing or undecodable video among `records` (the evaluation frames)."""
+        """{video_id: reason} of every missing or undecodable video among `records` (the evaluation frames). Clips in
+        the frame cache are not decoded again: they decoded when it was built, and are read from it."""
+        if self._frame_cache is not None:
+            records = [r for r in records if cache_key(r.video_id, r.start, r.end) not in self._frame_cache]
         return find_bad_videos(
             records, self.videos, self.backend, progress, self.num_workers, self.max_frames, self.video_framerate
         )

@@ -45,6 +45,13 @@ def test_cache_command_builds_what_the_loaders_read(tiny_synthetic, tmp_path, mo
         for i in range(len(records)):
             assert torch.equal(a[i]["video"], b[i]["video"])
     assert len(calls) == 2 * len(records)  # only the plain data object decoded
+    # the pre-flight check decodes only what the cache lacks
+    (tiny_synthetic / "videos" / f"{records[0].video_id}.mp4").rename(tmp_path / "moved.mp4")
+    try:
+        assert cached.bad_videos(records, progress=False) == {}
+        assert list(plain.bad_videos(records, progress=False)) == [records[0].video_id]
+    finally:
+        (tmp_path / "moved.mp4").rename(tiny_synthetic / "videos" / f"{records[0].video_id}.mp4")
 
 
 def test_a_run_with_other_settings_refuses_the_cache(tiny_synthetic, tmp_path):
