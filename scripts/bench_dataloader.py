@@ -44,7 +44,7 @@ from neighborretr.data.dataset import VideoTextDataset
 from neighborretr.data.frame_cache import CacheSpec, FrameCache, build_frame_cache, cache_requests
 from neighborretr.data.transforms import CaptionTokenizer, clip_frames
 from neighborretr.data.video_files import VideoIndex
-from neighborretr.data.video_io import BackendUnavailable, check_backend, choose_frames
+from neighborretr.data.video_io import BackendUnavailable, check_backend, choose_frames, read_frames
 
 FRAMES, SIZE, WORDS = 12, 224, 32
 LOADERS = ("naive-opencv", "ours-pyav", "ours-torchcodec", "ours-decord", "ours-cache")
@@ -205,6 +205,21 @@ def run_epochs(dataset: Dataset, workers: int, batch_size: int, epochs: int) -> 
     return clips / steady, walls
 
 
+def decode_times(clips: list[Path], backends: list[str], framerate: float | None, rounds: int = 3) -> dict:
+    """{backend: median ms} to decode one clip's 12 random frames in this process (one thread), the backends
+    interleaved clip by clip so that a change in the machine's load hits them alike: the default backend's check."""
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for round_ in range(rounds):
+        for i, clip in enumerate(clips):
+            for backend in backends:
+                rng = np.random.default_rng([0, round_, i])
+                start = time.perf_counter()
+                read_frames(clip, FRAMES, "random", rng, backend=backend, framerate=framerate)
+                times[backend].append(time.perf_counter() - start)
+    return {b: round(float(np.median(t)) * 1000, 1) for b, t in times.items()}
+
+
 def keyframe_stats(path: Path) -> tuple[int, int]:
     """(frames, keyframes) of a video, read from its packets."""
     import av
@@ -279,6 +294,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("data/bench_videos"), help="generated videos (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/dataloader.jsonl"))
     parser.add_argument("--table", type=Path, default=None, help="default: docs/results/dataloader[_keyintN].md")
+    parser.add_argument(
+        "--decode-only", action="store_true", help="only print each backend's median in-process decode time per clip"
+    )
     args = parser.parse_args()
 
     from neighborretr.data.prepare import prepare_folder
@@ -301,6 +319,12 @@ def main() -> None:
     loaders, notes = available(args.loaders)
     for note in notes:
         print(note, flush=True)
+    if args.decode_only:
+        backends = [n.split("-", 1)[1] for n in loaders if n.split("-", 1)[1] in ("pyav", "torchcodec", "decord")]
+        for videos in args.sets:
+            clips = sorted(folders[videos].glob("*.mp4"))
+            print(videos, "median ms per clip:", decode_times(clips, backends, framerate), flush=True)
+        return
     rows, naive_by_workers = [], {}
     for videos in args.sets:
         for workers in args.workers:

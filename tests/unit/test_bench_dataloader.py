@@ -66,6 +66,12 @@ def test_epochs_and_table(tmp_path):
     assert "over 5 epochs" in table and "test machine" in table
 
 
+def test_decode_times_cover_every_backend(tmp_path):
+    clip = write_numbered_video(tmp_path / "v.mp4", num_frames=20, size=32)
+    times = bench.decode_times([clip], AVAILABLE_BACKENDS, framerate=None, rounds=1)
+    assert list(times) == AVAILABLE_BACKENDS and all(t > 0 for t in times.values())
+
+
 def test_unavailable_backends_are_left_out_with_the_reason(monkeypatch):
     from neighborretr.data.video_io import BackendUnavailable
 
