@@ -435,7 +435,7 @@ class _Entry:
     shard: int
     offset: int
     count: int  # candidate frames of the entry
-    rows: np.ndarray | None  # row of each candidate position in the stored block (-1: not stored); None: all
+    stored: np.ndarray | None  # increasing candidate positions kept (row i holds stored[i]); None: every one
     shape: tuple[int, ...] | None  # stored block [k, H, W, 3]; None: JPEG files
     jpeg_ends: np.ndarray | None = None  # end offset of each stored JPEG file after `offset`
 
@@ -505,21 +505,21 @@ class FrameCache:
         """The frames [n, H, W, 3] uint8 that `read_frames(path, max_frames, mode, rng, ...)` returns for the entry
         (H = W = image_size in "clip" form), or None (rng untouched) when they are not all stored."""
         entry = self.entries.get(key)
-        if entry is None or (mode == "random" and entry.rows is not None):
+        if entry is None or (mode == "random" and entry.stored is not None):
             return None  # random draws are served only from entries that keep every candidate
         positions = sample_frame_indices(entry.count, max_frames, mode, rng)
-        rows = positions if entry.rows is None else entry.rows[positions]
-        if (rows < 0).any():
-            return None
+        rows = positions
+        if entry.stored is not None:
+            rows = np.minimum(np.searchsorted(entry.stored, positions), len(entry.stored) - 1)
+            if len(entry.stored) == 0 or (entry.stored[rows] != positions).any():
+                return None
         return self._rows(entry, rows)  # a copy: the map stays read-only and shared
 
 
 def _entry(line: dict) -> _Entry:
-    rows = None
-    if line["positions"] != "all":
-        rows = np.full(line["count"], -1, dtype=np.int64)
-        rows[np.asarray(line["positions"], dtype=np.int64)] = np.arange(len(line["positions"]))
+    # the positions only, not a candidate-length map: clips with thousands of candidates keep a few frames
+    stored = None if line["positions"] == "all" else np.asarray(line["positions"], dtype=np.int64)
     if "jpeg_bytes" in line:
         ends = np.cumsum(np.asarray(line["jpeg_bytes"], dtype=np.int64))
-        return _Entry(line["shard"], line["offset"], line["count"], rows, None, ends)
-    return _Entry(line["shard"], line["offset"], line["count"], rows, tuple(line["shape"]))
+        return _Entry(line["shard"], line["offset"], line["count"], stored, None, ends)
+    return _Entry(line["shard"], line["offset"], line["count"], stored, tuple(line["shape"]))

@@ -197,6 +197,13 @@ def test_a_cache_for_other_settings_is_refused(videos, tmp_path):
         build_frame_cache(requests(videos)[:1], tmp_path, other, workers=1, progress=False)
     with pytest.raises(FileNotFoundError, match="no frame cache there"):
         FrameCache(tmp_path / "nothing")
+    # read directly: frames it does not hold are None, and a random request leaves the rng as it was
+    cache = FrameCache(tmp_path)
+    assert cache.frames("a", FRAMES, "head").shape == (FRAMES, SIZE, SIZE, 3)
+    assert cache.frames("a", FRAMES, "uniform") is None and cache.frames("zzz", FRAMES, "head") is None
+    rng = np.random.default_rng(0)
+    assert cache.frames("a", FRAMES, "random", rng) is None
+    assert rng.integers(1000) == np.random.default_rng(0).integers(1000)
 
 
 def test_size_estimate(videos):
