@@ -198,11 +198,15 @@ def test_a_cache_for_other_settings_is_refused(videos, tmp_path):
     with pytest.raises(FileNotFoundError, match="no frame cache there"):
         FrameCache(tmp_path / "nothing")
     # read directly: frames it does not hold are None, and a random request leaves the rng as it was
-    cache = FrameCache(tmp_path)
-    assert cache.frames("a", FRAMES, "head").shape == (FRAMES, SIZE, SIZE, 3)
-    assert cache.frames("a", FRAMES, "uniform") is None and cache.frames("zzz", FRAMES, "head") is None
+    head = CacheSpec("pyav", None, FRAMES, SIZE, ("head",))
+    build_frame_cache(requests(videos)[1:2], tmp_path / "head", head, workers=1, progress=False)
+    cache = FrameCache(tmp_path / "head")
+    assert cache.entries["b"].count == 40 and cache.entries["b"].shape[0] == FRAMES  # positions 0..4 kept
+    assert cache.frames("b", 3, "head").shape == (3, SIZE, SIZE, 3)
+    assert cache.frames("b", FRAMES, "uniform") is None  # positions 4, 12, 20, ...
+    assert cache.frames("zzz", FRAMES, "head") is None
     rng = np.random.default_rng(0)
-    assert cache.frames("a", FRAMES, "random", rng) is None
+    assert cache.frames("b", FRAMES, "random", rng) is None
     assert rng.integers(1000) == np.random.default_rng(0).integers(1000)
 
 
