@@ -9,7 +9,9 @@ each video (each record segment) once, at the run's `video_framerate`, and keeps
   1 fps; a longer entry keeps only its deterministic frames and random draws of it are decoded as before).
 
 Frames are stored as uint8 after `resize_crop` (the model's input size, S x S: "clip" form), which is exactly
-the first half of `clip_frames`, so the cached and the decoded paths give identical tensors. When the training
+the first half of `clip_frames`, so the cached and the decoded paths give identical tensors. They are kept
+channels-first ([k, 3, H, W]) and handed out as a channels-last view of that: `clip_frames` then turns them back
+into its channels-first float output with a contiguous copy (faster than a transposing one). When the training
 clips are augmented (`rand_augment`), augmentation runs on the decoded frames before the resize, so those frames
 are kept as decoded ("source" form, the video's own size) and the resize runs at load time as before.
 
@@ -133,7 +135,7 @@ def cache_requests(records: Iterable[Record], videos: VideoIndex) -> list[CacheR
 def decode_entry(
     request: CacheRequest, spec: CacheSpec, max_candidates: int = DEFAULT_MAX_CANDIDATES
 ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(candidate count, stored positions [k], frames [k, H, W, 3] uint8) of one entry, decoded once.
+    """(candidate count, stored positions [k], frames [k, 3, H, W] uint8, channels first) of one entry, decoded once.
 
     Raises VideoDecodeError naming the file when it cannot be decoded."""
     found: dict = {}
@@ -147,8 +149,8 @@ def decode_entry(
     frames, _ = decode_frames(request.path, choose, spec.backend)
     frames = frames[: len(found["positions"])]
     if spec.form == "clip" and len(frames):
-        frames = resize_crop(frames, spec.image_size).permute(0, 2, 3, 1).contiguous().numpy()
-    return found["count"], found["positions"], frames
+        return found["count"], found["positions"], resize_crop(frames, spec.image_size).contiguous().numpy()
+    return found["count"], found["positions"], np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
 
 
 def _job(args: tuple[CacheRequest, CacheSpec, int, int | None]) -> tuple[str, object]:
@@ -194,7 +196,7 @@ class _ShardWriter:
         (self.folder / ENTRIES).write_text(text, encoding="utf-8")
 
     def append(self, key: str, count: int, positions: np.ndarray, frames: np.ndarray | list[bytes]) -> None:
-        """Stores an entry's frames: an array [k, H, W, 3] uint8, or k JPEG files (see `_compressed`)."""
+        """Stores an entry's frames: an array [k, 3, H, W] uint8, or k JPEG files (see `_compressed`)."""
         shape = list(frames.shape) if isinstance(frames, np.ndarray) else None
         blob = np.ascontiguousarray(frames, dtype=np.uint8).tobytes() if shape else b"".join(frames)
         if self.offset and self.offset + len(blob) > self.shard_bytes:
@@ -221,11 +223,10 @@ def _nbytes(entry: dict) -> int:
 
 
 def _compressed(frames: np.ndarray, quality: int) -> list[bytes]:
-    """Each frame [H, W, 3] uint8 as a JPEG file."""
+    """Each frame of [k, 3, H, W] uint8 as a JPEG file."""
     from torchvision.io import encode_jpeg
 
-    chw = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    return [encode_jpeg(f.contiguous(), quality=quality).numpy().tobytes() for f in chw]
+    return [encode_jpeg(f, quality=quality).numpy().tobytes() for f in torch.from_numpy(frames)]
 
 
 def _shard_path(folder: Path, number: int) -> Path:
@@ -419,7 +420,9 @@ def estimate_bytes(
         except VideoDecodeError:
             continue
         if spec.form == "clip":
-            frame = resize_crop(frame, spec.image_size).permute(0, 2, 3, 1).numpy()
+            frame = resize_crop(frame, spec.image_size).contiguous().numpy()
+        else:
+            frame = np.ascontiguousarray(frame.transpose(0, 3, 1, 2))
         per_frame = len(_compressed(frame, quality)[0]) if compress == "jpeg" else frame.nbytes
         sizes.append(kept["frames"] * per_frame)
     if not sizes:
@@ -436,7 +439,7 @@ class _Entry:
     offset: int
     count: int  # candidate frames of the entry
     stored: np.ndarray | None  # increasing candidate positions kept (row i holds stored[i]); None: every one
-    shape: tuple[int, ...] | None  # stored block [k, H, W, 3]; None: JPEG files
+    shape: tuple[int, ...] | None  # stored block [k, 3, H, W]; None: JPEG files
     jpeg_ends: np.ndarray | None = None  # end offset of each stored JPEG file after `offset`
 
 
@@ -490,16 +493,18 @@ class FrameCache:
         return self._maps[number]
 
     def _rows(self, entry: _Entry, rows: np.ndarray) -> np.ndarray:
-        """The stored frames `rows` of `entry`, [len(rows), H, W, 3] uint8 (a copy)."""
+        """The stored frames `rows` of `entry`, [len(rows), H, W, 3] uint8: a channels-last view of a channels-first
+        copy (see the module doc)."""
         shard = self._shard(entry.shard)
         if entry.jpeg_ends is None:
             size = int(np.prod(entry.shape))
-            return np.ascontiguousarray(shard[entry.offset : entry.offset + size].reshape(entry.shape)[rows])
+            chw = shard[entry.offset : entry.offset + size].reshape(entry.shape)[rows]  # fancy index: a copy
+            return np.asarray(chw).transpose(0, 2, 3, 1)
         from torchvision.io import decode_jpeg
 
         starts = np.concatenate([[0], entry.jpeg_ends[:-1]]) + entry.offset
         files = [torch.from_numpy(np.array(shard[starts[r] : entry.offset + entry.jpeg_ends[r]])) for r in rows]
-        return torch.stack([decode_jpeg(f) for f in files]).permute(0, 2, 3, 1).contiguous().numpy()
+        return torch.stack([decode_jpeg(f) for f in files]).numpy().transpose(0, 2, 3, 1)
 
     def frames(self, key: str, max_frames: int, mode: str, rng: np.random.Generator | None = None) -> np.ndarray | None:
         """The frames [n, H, W, 3] uint8 that `read_frames(path, max_frames, mode, rng, ...)` returns for the entry

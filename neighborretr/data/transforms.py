@@ -20,7 +20,11 @@ def resize_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
     """uint8 RGB frames [n, H, W, 3] -> uint8 [n, 3, S, S]: short side resized to S (bicubic, antialiased, rounded
     back to uint8 as torchvision does for uint8 input), then centre crop. Frames already S x S pass unchanged, so
     the frame cache can store this result and `clip_frames` of it equals `clip_frames` of the decoded frames."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    # strided arrays are taken as they are (the frame cache hands out channels-last views of channels-first
+    # frames, which the permute below makes contiguous again); only negative strides need a copy for torch
+    if any(step < 0 for step in frames.strides):
+        frames = frames.copy()
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
     if min(x.shape[-2:]) != image_size:
         x = TF.resize(x, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     if x.shape[-2:] != (image_size, image_size):

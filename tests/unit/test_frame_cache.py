@@ -86,7 +86,7 @@ def test_cached_frames_equal_decoded_frames_deterministic(videos, tmp_path, monk
     cache = FrameCache.open(tmp_path, spec)
     # deterministic sampling keeps only the frames it picks: min(FRAMES, candidates) per entry
     a = cache.entries["a"]
-    assert a.shape == (FRAMES, SIZE, SIZE, 3) and a.count == len(segment_frames(90, 25.0, framerate=framerate))
+    assert a.shape == (FRAMES, 3, SIZE, SIZE) and a.count == len(segment_frames(90, 25.0, framerate=framerate))
     calls = count_decodes(monkeypatch)
     cached = make_dataset(videos, cache, sampling, framerate=framerate)
     decoded = make_dataset(videos, None, sampling, framerate=framerate)
@@ -131,7 +131,7 @@ def test_augmented_clips_are_cached_as_decoded(videos, tmp_path):
     spec = CacheSpec("pyav", None, FRAMES, SIZE, ("random",), form="source")
     build_frame_cache(requests(videos), tmp_path, spec, workers=1, progress=False)
     cache = FrameCache.open(tmp_path, spec)
-    assert cache.entries["b"].shape == (40, 48, 64, 3)
+    assert cache.entries["b"].shape == (40, 3, 48, 64)  # stored channels first
     cached = make_dataset(videos, cache, "random", train=True, augment=augment)
     decoded = make_dataset(videos, None, "random", train=True, augment=augment)
     assert_same_items(decoded, cached, epochs=(0, 1))
