@@ -357,9 +357,17 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     """Workers forked from this process, as DataLoader workers are: a fresh interpreter per worker (spawn,
     forkserver) would import torch again, which costs more than small caches take to build. Forking is safe here
     because the builder holds no open decoder when it forks (decode_frames closes each one; decord #294 is about
-    readers alive across the fork); where fork does not exist, workers are spawned."""
+    readers alive across the fork) and each worker runs torch on one thread (`_one_thread`); where fork does not
+    exist, workers are spawned."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    """A forked child cannot use the OpenMP threads of its parent (libgomp waits on them forever once the parent
+    ran a parallel region, e.g. an in-process build's resize); one thread never enters OpenMP, as DataLoader
+    workers do. The processes are the parallelism anyway."""
+    torch.set_num_threads(1)
 
 
 def _run(jobs: list[tuple], workers: int | None) -> Iterator[tuple[tuple, tuple[str, object]]]:

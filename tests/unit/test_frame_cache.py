@@ -177,9 +177,17 @@ def test_resume_skips_done_entries_and_lists_failures(videos, tmp_path):
 
 
 def test_parallel_build_writes_the_same_frames(videos, tmp_path):
-    spec = CacheSpec("pyav", 5.0, FRAMES, SIZE, ("random",))
-    build_frame_cache(requests(videos), tmp_path / "one", spec, workers=1, progress=False)
-    build_frame_cache(requests(videos), tmp_path / "two", spec, workers=2, shard_bytes=20_000, progress=False)
+    """Also after this process ran an OpenMP region on 2 threads: forked workers then hung in their first parallel
+    op (224 px frames make the resize and copies large enough to run in parallel)."""
+    spec = CacheSpec("pyav", 5.0, FRAMES, 224, ("random",))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ones(3, 8_000_000).contiguous(memory_format=torch.contiguous_format).t().contiguous().sum()
+        build_frame_cache(requests(videos), tmp_path / "one", spec, workers=1, progress=False)
+        build_frame_cache(requests(videos), tmp_path / "two", spec, workers=2, shard_bytes=20_000, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     one, two = FrameCache(tmp_path / "one"), FrameCache(tmp_path / "two")
     assert len(list((tmp_path / "two").glob("shard-*.u8"))) > 1  # small shards: the entries are spread out
     for key in one.entries:
