@@ -86,6 +86,29 @@ class EvalTrainer:
     cpu: bool = False
 
 
+@dataclasses.dataclass
+class CacheSettings:
+    """configs/cache_frames.yaml's `cache` node (read by neighborretr-cache-frames)."""
+
+    splits: list[str] = dataclasses.field(default_factory=lambda: ["train", "val", "test"])
+    workers: int | None = None
+    max_candidates: int = 256
+    shard_gb: float = 4.0
+    compress: typing.Literal["none", "jpeg"] = "none"
+    quality: int = 95
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("workers", "max_candidates"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SchemaError(f"cache.{name}={value} must be >= 1")
+        if not self.shard_gb > 0:
+            raise SchemaError(f"cache.shard_gb={self.shard_gb} must be > 0")
+        if not 1 <= self.quality <= 100:
+            raise SchemaError(f"cache.quality={self.quality} must be in 1..100")
+
+
 # Overrides of the saved run's data settings (neighborretr-eval): the data target's keys, each may be null.
 DATA_OVERRIDES = ("overrides", "neighborretr.data.module.VideoTextData")
 
@@ -102,6 +125,11 @@ TOP_LEVEL = {
         "data": DATA_OVERRIDES,
         "trainer": EvalTrainer,
         **_RUN,
+    },
+    "cache": {
+        **dict.fromkeys(("data", "model", "loss", "optim", "scheduler", "trainer"), "target"),
+        **_RUN,
+        "cache": CacheSettings,
     },
     "validate": {"data": "target", "splits": list[str], "workers": int | None, "max_frames": int | None, **_COMMON},
 }

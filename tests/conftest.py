@@ -13,6 +13,29 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def _loads(backend: str) -> bool:
+    import importlib.util
+
+    from neighborretr.data.video_io import BackendUnavailable, check_backend
+
+    if backend == "decord":  # not imported here: decord loaded before PyAV breaks PyAV's VP9 encoder
+        return importlib.util.find_spec("decord") is not None
+    try:
+        check_backend(backend)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+# The video backends that load on this machine (PyAV always; torchcodec needs the system's FFmpeg libraries,
+# decord the optional extra), and the same as pytest parameters that say why one is skipped.
+AVAILABLE_BACKENDS = [b for b in ("pyav", "torchcodec", "decord") if _loads(b)]
+BACKEND_PARAMS = [
+    pytest.param(b, marks=pytest.mark.skipif(b not in AVAILABLE_BACKENDS, reason=f"the {b} backend does not load here"))
+    for b in ("pyav", "torchcodec", "decord")
+]
+
+
 def generate_tiny_synthetic(root: Path, num_train: int = 24) -> Path:
     """`num_train` train / 8 test synthetic videos, 2 captions each, 8 frames of 32 px (the tests configure the
     tiny model for 32 px)."""

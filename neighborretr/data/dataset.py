@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from neighborretr.data.annotations import Record
+from neighborretr.data.frame_cache import FrameCache, cache_key
 from neighborretr.data.transforms import CaptionTokenizer, clip_frames
 from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import SAMPLING_MODES, VideoDecodeError, read_frames
@@ -31,7 +32,9 @@ class VideoTextDataset(Dataset):
     Frame sampling (`sampling`, see `read_frames`) defaults to "random" when `train` and "uniform" otherwise.
     Random draws and `augment` are seeded by seed, epoch and index, so results depend neither on the worker
     count nor on resuming. `augment(frames [n, H, W, 3] uint8, seed) -> frames` runs only when `train`.
-    `videos` maps records to files (built from `video_dir` when not given).
+    `videos` maps records to files (built from `video_dir` when not given). With a `frame_cache` (opened for these
+    settings), a clip whose frames it holds is read from it instead of decoded (the same frames, see
+    `neighborretr.data.frame_cache`); the others are decoded by `backend` on `decode_device`.
 
     A video that fails to decode raises `VideoDecodeError` naming the file, unless `skip_bad` (training only: a
     substitute would corrupt evaluation metrics). Then the item is logged and replaced by the next item (wrapping)
@@ -48,7 +51,7 @@ class VideoTextDataset(Dataset):
         max_frames: int,
         image_size: int,
         train: bool = False,
-        backend: str = "decord",
+        backend: str = "pyav",
         seed: int = 0,
         load_text: bool = True,
         load_video: bool = True,
@@ -57,6 +60,8 @@ class VideoTextDataset(Dataset):
         augment: Callable[[np.ndarray, int], np.ndarray] | None = None,
         videos: VideoIndex | None = None,
         skip_bad: bool = False,
+        frame_cache: FrameCache | None = None,
+        decode_device: str = "cpu",
     ):
         if skip_bad and not train:
             raise ValueError("skip_bad substitutes other items for bad videos: only for a training dataset")
@@ -83,6 +88,8 @@ class VideoTextDataset(Dataset):
         self.load_text = load_text
         self.load_video = load_video
         self.skip_bad = skip_bad and load_video
+        self.frame_cache = frame_cache
+        self.decode_device = decode_device
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,8 +100,14 @@ class VideoTextDataset(Dataset):
     def video_index(self, video_id: str) -> int:
         return self._video_index[video_id]
 
-    def _video(self, record: Record, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def _frames(self, record: Record, rng: np.random.Generator) -> np.ndarray:
+        """The sampled frames [n, H, W, 3] uint8: from the frame cache when it holds them (it leaves `rng` untouched
+        otherwise, so decoding then draws the same frames), else decoded."""
+        if self.frame_cache is not None:
+            key = cache_key(record.video_id, record.start, record.end)
+            frames = self.frame_cache.frames(key, self.max_frames, self.sampling, rng)
+            if frames is not None:
+                return frames
         path = self.videos.find(record)
         if path is None:
             raise VideoDecodeError(self.videos.describe_missing(record))  # no path: the message names the folder
@@ -107,14 +120,18 @@ class VideoTextDataset(Dataset):
             start=record.start,
             end=record.end,
             framerate=self.framerate,
+            device=self.decode_device,
         )
+        return frames
+
+    def _video(self, record: Record, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        frames = self._frames(record, rng)
         if self.train and self.augment is not None:
             frames = self.augment(frames, int(rng.integers(2**31)))
-        clip = clip_frames(frames, self.image_size)
-        video = torch.zeros(self.max_frames, *clip.shape[1:])
-        video[: len(clip)] = clip
+        video = clip_frames(frames, self.image_size, length=self.max_frames)  # zero frames after the clip's
         mask = torch.zeros(self.max_frames, dtype=torch.long)
-        mask[: len(clip)] = 1
+        mask[: len(frames)] = 1
         return video, mask
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:

@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, Subset
 
 from neighborretr.data.annotations import PARSERS, Record
 from neighborretr.data.dataset import VideoTextDataset
+from neighborretr.data.frame_cache import CacheRequest, CacheSpec, FrameCache, cache_key, cache_requests
 from neighborretr.data.sampler import EpochShuffleSampler
 from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
-from neighborretr.data.video_io import BACKENDS, SAMPLING_MODES
+from neighborretr.data.video_io import BACKENDS, SAMPLING_MODES, check_backend
 
 Loaders = tuple[DataLoader, DataLoader]  # (captions, distinct videos)
 
@@ -47,7 +48,13 @@ class VideoTextData:
         benchmark: the annotation parser (`neighborretr.data.annotations.PARSERS`).
         root: the folder of the annotation files; video_dir: the videos (searched recursively, any container).
         max_words, max_frames, image_size: caption tokens, frames per clip, frame side in pixels.
-        backend: video decoder, "decord" or "pyav".
+        backend: video decoder, "pyav" (default: needs nothing but the package), "torchcodec" (needs the system's
+            FFmpeg libraries) or "decord" (the optional extra neighborretr[decord]); refused at once, with what to
+            install, when it cannot load here.
+        decode_device: where torchcodec decodes: "cpu", or "cuda" / "cuda:N" (NVDEC; loader workers are then
+            spawned, since CUDA cannot start in forked ones).
+        frame_cache: a folder built by neighborretr-cache-frames from these settings, or None: clips it holds are
+            read from it (the same frames as decoding), the rest decoded; refused when built for other settings.
         batch_size: the global batch over all processes; eval_batch_size: per process.
         num_workers: loader processes per process.
         check_videos: decode every video's evaluation frames before training.
@@ -70,7 +77,7 @@ class VideoTextData:
         max_words: int = 32,
         max_frames: int = 12,
         image_size: int = 224,
-        backend: str = "decord",
+        backend: str = "pyav",
         batch_size: int = 128,
         eval_batch_size: int = 32,
         num_workers: int = 4,
@@ -84,6 +91,8 @@ class VideoTextData:
         val_videos: int | None = None,
         val_seed: int | None = None,
         seed: int = 0,
+        frame_cache: str | None = None,
+        decode_device: str = "cpu",
     ):
         if benchmark not in PARSERS:
             raise ValueError(f"data.benchmark={benchmark!r} has no parser; available: {sorted(PARSERS)}")
@@ -99,6 +108,9 @@ class VideoTextData:
                 raise ValueError(f"data.{name}={mode!r}: choose one of {', '.join(SAMPLING_MODES)}")
         if backend not in BACKENDS:
             raise ValueError(f"data.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+        check_backend(backend)  # a backend that cannot load here is refused now, saying what to install
+        if decode_device != "cpu" and backend != "torchcodec":
+            raise ValueError(f"data.decode_device={decode_device}: only data.backend=torchcodec decodes off the CPU")
         if min(batch_size, eval_batch_size, max_words, max_frames) < 1:
             raise ValueError("data.batch_size, eval_batch_size, max_words and max_frames must be >= 1")
         if num_workers < 0:
@@ -109,6 +121,8 @@ class VideoTextData:
         self.num_workers, self.check_videos, self.skip_bad_videos = num_workers, check_videos, skip_bad_videos
         self.video_framerate, self.train_sampling, self.eval_sampling = video_framerate, train_sampling, eval_sampling
         self.rand_augment, self.seed = rand_augment, seed
+        self.frame_cache, self.decode_device = frame_cache, decode_device
+        _ = self._frame_cache  # a missing cache or one built for other settings is refused now
         try:
             _ = self._augment  # a bad RandAugment string is refused now, not when the first worker starts
         except (ValueError, KeyError, AssertionError) as err:
@@ -124,7 +138,10 @@ class VideoTextData:
         return VideoIndex(self.video_dir)
 
     def bad_videos(self, records: list[Record], progress: bool = True) -> dict[str, str]:
-        """{video_id: reason} of every missing or undecodable video among `records` (the evaluation frames)."""
+        """{video_id: reason} of every missing or undecodable video among `records` (the evaluation frames). Clips in
+        the frame cache are not decoded again: they decoded when it was built, and are read from it."""
+        if self._frame_cache is not None:
+            records = [r for r in records if cache_key(r.video_id, r.start, r.end) not in self._frame_cache]
         return find_bad_videos(
             records, self.videos, self.backend, progress, self.num_workers, self.max_frames, self.video_framerate
         )
@@ -137,6 +154,34 @@ class VideoTextData:
 
         return ClipRandAugment(self.rand_augment)
 
+    def cache_spec(self) -> CacheSpec:
+        """The frame cache these settings read: augmented clips need the frames as decoded ("source" form, see
+        `neighborretr.data.frame_cache`), the others are kept at the model's input size."""
+        return CacheSpec(
+            backend=self.backend,
+            framerate=self.video_framerate,
+            max_frames=self.max_frames,
+            image_size=self.image_size,
+            modes=(self.train_sampling, self.eval_sampling),
+            form="source" if self.rand_augment else "clip",
+        )
+
+    @functools.cached_property
+    def _frame_cache(self) -> FrameCache | None:
+        if not self.frame_cache:
+            return None
+        try:
+            return FrameCache.open(self.frame_cache, self.cache_spec())
+        except FileNotFoundError as err:  # a setting to fix, reported like the other refused settings
+            raise ValueError(str(err)) from err
+
+    def cache_requests(self, records: list[Record]) -> list[CacheRequest]:
+        """One frame-cache entry per distinct (video, segment) of `records`, with its file (or why there is none)."""
+        return cache_requests(records, self.videos)
+
+    def _loader_context(self) -> str | None:
+        return "spawn" if self.decode_device != "cpu" and self.num_workers else None
+
     def dataset(self, records: list[Record], train: bool, **kwargs) -> VideoTextDataset:
         """The dataset of `records` with this object's settings (kwargs: load_text / load_video / skip_bad)."""
         if kwargs.get("load_video", True):
@@ -145,6 +190,8 @@ class VideoTextData:
                 sampling=self.train_sampling if train else self.eval_sampling,
                 framerate=self.video_framerate,
                 augment=self._augment if train else None,
+                frame_cache=self._frame_cache,
+                decode_device=self.decode_device,
             )
         return VideoTextDataset(
             records,
@@ -178,6 +225,7 @@ class VideoTextData:
             pin_memory=pin_memory,
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=ignore_stop_signals,
+            multiprocessing_context=self._loader_context(),
         )
 
     def refill_loader(
@@ -202,6 +250,7 @@ class VideoTextData:
             drop_last=True,
             num_workers=self.num_workers,
             worker_init_fn=ignore_stop_signals,
+            multiprocessing_context=self._loader_context(),
         )
 
     def _pair(self, text_records: list[Record], video_records: list[Record]) -> Loaders:
@@ -212,6 +261,7 @@ class VideoTextData:
             shuffle=False,
             num_workers=self.num_workers,
             worker_init_fn=ignore_stop_signals,
+            multiprocessing_context=self._loader_context(),
         )
         return DataLoader(texts, **kw), DataLoader(videos, **kw)
 

@@ -66,7 +66,7 @@ def _kind(reason: str) -> str:
 def video_problems(
     splits: dict[str, list[Record]],
     videos: VideoIndex,
-    backend: str = "decord",
+    backend: str = "pyav",
     max_frames: int = 12,
     framerate: float | None = None,
     workers: int | None = None,
@@ -100,7 +100,7 @@ def video_problems(
 def find_bad_videos(
     records: list[Record],
     videos: VideoIndex,
-    backend: str = "decord",
+    backend: str = "pyav",
     progress: bool = True,
     workers: int = 1,
     max_frames: int = 1,

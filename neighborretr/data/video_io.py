@@ -1,13 +1,18 @@
-"""Video decoding (decord by default, PyAV as the fallback) and temporal frame sampling.
+"""Video decoding (PyAV by default; torchcodec and decord beside it) and temporal frame sampling.
 
-Both backends answer the same request with the same frame indices: a frame's index is its position in
+Every backend answers the same request with the same frame indices: a frame's index is its position in
 presentation order, the segment [start, end] is given in seconds, and `framerate` thins the segment to the
 first frame of every 1/framerate-second step before `max_frames` are sampled from what is left.
+
+PyAV bundles its own FFmpeg, so it works wherever the package installs: it is the default. torchcodec (PyTorch's
+decoder, CPU or NVDEC) loads the system's FFmpeg libraries (Debian/Ubuntu: `apt-get install ffmpeg`); decord is
+an optional extra (`pip install neighborretr[decord]`, x86-64 wheels only, unmaintained since 2021).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -20,11 +25,16 @@ VIDEO_EXTENSIONS = (
     ".mts", ".m2ts", ".ts", ".qt", ".asf", ".divx",
 )  # fmt: skip
 SAMPLING_MODES = ("uniform", "random", "head")
-BACKENDS = ("decord", "pyav")
+BACKENDS = ("pyav", "torchcodec", "decord")
 
 
 EMPTY_FILE = "the file is empty (0 bytes)"
 NO_FRAMES = "the video has no frames"
+
+
+class BackendUnavailable(RuntimeError):
+    """A video backend cannot be loaded on this machine (a missing package or system library); the message says
+    what to install. Deliberately not a VideoDecodeError: no video is bad, so nothing may be skipped for it."""
 
 
 class VideoDecodeError(RuntimeError):
@@ -94,8 +104,63 @@ def choose_frames(
     return candidates[sample_frame_indices(len(candidates), max_frames, mode, rng)]
 
 
+def check_backend(backend: str) -> None:
+    """Raises ValueError for an unknown backend name and BackendUnavailable (saying what to install) when the
+    backend cannot load here; returns quietly otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torchcodec":
+        _torchcodec_decoder()
+    elif backend == "decord":
+        _decord()
+
+
+def _decord():
+    try:
+        import decord
+    except ImportError as err:
+        raise BackendUnavailable(
+            "the decord backend is not installed: pip install 'neighborretr[decord]' (x86-64 only), "
+            "or choose data.backend=pyav"
+        ) from err
+    return decord
+
+
+def _torchcodec_decoder():
+    """torchcodec's VideoDecoder class. Importing torchcodec loads FFmpeg's shared libraries (libavcodec etc.),
+    which its wheel does not carry; without them the import fails with a long list of attempts."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except ImportError as err:
+        raise BackendUnavailable(
+            "the torchcodec backend is not installed: pip install 'neighborretr[torchcodec]', "
+            "or choose data.backend=pyav"
+        ) from err
+    except (RuntimeError, OSError) as err:
+        raise BackendUnavailable(
+            "torchcodec cannot load FFmpeg's libraries (libavcodec 4-9): install them "
+            "(Debian/Ubuntu: apt-get install ffmpeg; conda: conda install ffmpeg), or choose data.backend=pyav"
+        ) from err
+    return VideoDecoder
+
+
+def _read_torchcodec(path: Path, choose, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    # "exact" scans the file once so that frame i is the i-th in presentation order, as with the other backends;
+    # one FFmpeg thread each because the DataLoader workers are the parallelism.
+    decoder = _torchcodec_decoder()(
+        str(path), seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC", device=device
+    )
+    meta = decoder.metadata
+    if not meta.num_frames:
+        raise VideoDecodeError(NO_FRAMES, path)
+    # The header's average rate is what decord and PyAV report (the scanned one can differ by a rounding).
+    fps = meta.average_fps_from_header or meta.average_fps or 0.0
+    indices = choose(meta.num_frames, float(fps))
+    return decoder.get_frames_at(indices.tolist()).data.cpu().numpy(), indices
+
+
 def _read_decord(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
-    import decord
+    decord = _decord()
 
     # One reader per call and one thread each: readers made before DataLoader workers fork deadlock (decord #294).
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
@@ -178,7 +243,35 @@ def _read_pyav(path: Path, choose) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([frames[i] for i in indices]), indices
 
 
-_READERS = {"decord": _read_decord, "pyav": _read_pyav}
+_READERS = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}
+
+
+def decode_frames(
+    path: str | Path, choose: Callable[[int, float], np.ndarray], backend: str = "pyav", device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes the frames `choose(total_frames, fps) -> increasing indices` picks; `read_frames` for any choice.
+
+    `device` is where torchcodec decodes ("cuda" or "cuda:N": NVDEC); the other backends decode on the CPU only.
+    Returns frames [n, H, W, 3] uint8 RGB and their indices [n]; raises VideoDecodeError naming the file, and
+    BackendUnavailable when the backend cannot load here.
+    """
+    if backend not in _READERS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    if device != "cpu" and backend != "torchcodec":
+        raise ValueError(f"decoding on {device} needs backend torchcodec (the {backend} backend decodes on the CPU)")
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError("file not found", path)
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(EMPTY_FILE, path)
+    try:
+        if backend == "torchcodec":
+            return _read_torchcodec(path, choose, device)
+        return _READERS[backend](path, choose)
+    except (VideoDecodeError, BackendUnavailable):
+        raise
+    except Exception as err:  # decoders raise many unrelated types; callers need one with the path
+        raise VideoDecodeError(f"cannot decode with {backend} ({type(err).__name__}: {err})", path) from err
 
 
 def read_frames(
@@ -186,47 +279,38 @@ def read_frames(
     max_frames: int,
     mode: str = "uniform",
     rng: np.random.Generator | None = None,
-    backend: str = "decord",
+    backend: str = "pyav",
     start: float | None = None,
     end: float | None = None,
     framerate: float | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decodes up to `max_frames` sampled frames of a video (or of its [start, end] segment, in seconds).
 
     Args:
         mode: "uniform", "random" (needs `rng`) or "head"; see `sample_frame_indices`.
         framerate: frames per second to sample from (e.g. 1, as the official loaders); None = every frame.
+        device: where torchcodec decodes (see `decode_frames`).
 
     Returns:
         frames [n, H, W, 3] uint8 RGB with n = min(max_frames, frames to choose from), and their indices [n].
 
     Raises:
         VideoDecodeError: with the path and the reason, for a missing, empty or undecodable file.
+        BackendUnavailable: the backend cannot load on this machine (the message says what to install).
     """
-    if backend not in _READERS:
-        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown frame sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError("file not found", path)
-    if path.stat().st_size == 0:
-        raise VideoDecodeError(EMPTY_FILE, path)
 
     def choose(total: int, fps: float) -> np.ndarray:
         return choose_frames(total, fps, max_frames, mode, rng, start, end, framerate)
 
-    try:
-        return _READERS[backend](path, choose)
-    except VideoDecodeError:
-        raise
-    except Exception as err:  # decoders raise many unrelated types; callers need one with the path
-        raise VideoDecodeError(f"cannot decode with {backend} ({type(err).__name__}: {err})", path) from err
+    return decode_frames(path, choose, backend, device)
 
 
 def probe_video(
     path: str | Path,
-    backend: str = "decord",
+    backend: str = "pyav",
     max_frames: int = 1,
     start: float | None = None,
     end: float | None = None,
@@ -258,7 +342,7 @@ def _probe(args: tuple) -> str | None:
 
 
 def probe_videos(
-    requests: list[ProbeRequest], backend: str = "decord", workers: int = 1, progress: bool = True
+    requests: list[ProbeRequest], backend: str = "pyav", workers: int = 1, progress: bool = True
 ) -> list[str | None]:
     """`probe_video` for many files, in order, with `workers` processes. The processes are spawned, not forked:
     a forked copy of a process that holds open decoders can hang (decord #294)."""

@@ -126,7 +126,7 @@ def test_skip_off_raises_naming_the_file_and_adds_no_key(bad_root):
     with pytest.raises(VideoDecodeError) as err:
         ds[BAD_ITEMS[0]]
     assert err.value.path == path
-    assert str(err.value).startswith(f"{path}: cannot decode with decord")
+    assert str(err.value).startswith(f"{path}: cannot decode with pyav")
 
 
 def test_evaluation_datasets_never_substitute(bad_root):
@@ -165,7 +165,7 @@ def test_worker_error_reaches_the_main_process_naming_the_file(bad_root):
         next(iter(loader))
     lines = str(err.value).rstrip().splitlines()
     assert lines[0] == "Caught VideoDecodeError in DataLoader worker process 0."
-    assert lines[-1].startswith(f"neighborretr.data.video_io.VideoDecodeError: {path}: cannot decode with decord (")
+    assert lines[-1].startswith(f"neighborretr.data.video_io.VideoDecodeError: {path}: cannot decode with pyav (")
 
 
 def test_worker_batches_count_every_substitute_once_per_epoch(bad_root):

@@ -18,7 +18,7 @@ from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import VideoDecodeError
 from tests.benchmark_files import write_activitynet, write_didemo, write_msvd, write_video
-from tests.conftest import frame_numbers
+from tests.conftest import AVAILABLE_BACKENDS, frame_numbers
 
 
 def test_msvd_every_caption_is_a_record(tmp_path):
@@ -113,7 +113,7 @@ def test_didemo_containers_reencoded_copies_missing_and_empty_files(tmp_path):
     videos = VideoIndex(vdir)
     records = [r for s in ("train", "val", "test") for r in parse_didemo(tmp_path / "ann", s)]
     assert videos.find(records[-2]) == vdir / "test_a.mp4"
-    for backend in ("decord", "pyav"):
+    for backend in AVAILABLE_BACKENDS:
         assert find_bad_videos(records, videos, backend, progress=False) == {
             "val_clip.mp4": f"{vdir / 'val_clip.mp4'}: the file is empty (0 bytes)"
         }
@@ -144,6 +144,6 @@ def test_every_container_gives_the_requested_frames(tmp_path):
 
     for name in ("a.avi", "b.mov", "c.m4v", "d.webm", "e.3gp"):
         path = write_video(tmp_path / name, num_frames=10)
-        for backend in ("decord", "pyav"):
+        for backend in AVAILABLE_BACKENDS:
             frames, idx = read_frames(path, 3, "head", backend=backend, framerate=5)
             assert idx.tolist() == frame_numbers(frames) == [0, 2, 4], (name, backend)

@@ -7,14 +7,16 @@ from neighborretr.data.dataset import VideoTextDataset
 from neighborretr.data.validation import find_bad_videos
 from neighborretr.data.video_files import VideoIndex
 from neighborretr.data.video_io import (
+    BackendUnavailable,
     VideoDecodeError,
+    check_backend,
     choose_frames,
     probe_video,
     read_frames,
     sample_frame_indices,
     segment_frames,
 )
-from tests.conftest import frame_numbers, write_numbered_video
+from tests.conftest import AVAILABLE_BACKENDS, BACKEND_PARAMS, frame_numbers, write_numbered_video
 
 
 def test_uniform_indices_are_segment_centres():
@@ -61,7 +63,7 @@ def test_segment_is_clamped_to_the_video():
     np.testing.assert_array_equal(segment_frames(10, 10.0, start=0.5, end=0.5), [5])  # never empty
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_read_frames_returns_the_requested_frames(tmp_path, backend):
     path = write_numbered_video(tmp_path / "v.mp4", num_frames=20)
     frames, idx = read_frames(path, 4, "uniform", backend=backend)
@@ -71,12 +73,47 @@ def test_read_frames_returns_the_requested_frames(tmp_path, backend):
     assert seg_idx.tolist() == [12, 17] and frame_numbers(seg) == [12, 17]
 
 
-def test_decord_and_pyav_agree(tmp_path):
+@pytest.mark.parametrize("backend", BACKEND_PARAMS[1:])
+def test_backends_agree_with_pyav(tmp_path, backend):
     path = write_numbered_video(tmp_path / "v.mp4", num_frames=13)
-    a, ia = read_frames(path, 5, "uniform", backend="decord")
+    a, ia = read_frames(path, 5, "uniform", backend=backend)
     b, ib = read_frames(path, 5, "uniform", backend="pyav")
     np.testing.assert_array_equal(ia, ib)
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # YUV -> RGB may round differently by a level
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS[1:])
+def test_backends_give_pyavs_pixels_on_a_textured_clip(tmp_path, backend):
+    """Noisy colour frames with B-frames: the same frames (indices) and the same pixels up to colour rounding."""
+    path = write_noisy_video(tmp_path / "v.mp4", "libx264", {"bf": "2", "g": "12"})
+    rng = [np.random.default_rng(5), np.random.default_rng(5)]
+    a, ia = read_frames(path, 12, "random", rng[0], backend=backend, framerate=10)
+    b, ib = read_frames(path, 12, "random", rng[1], backend="pyav", framerate=10)
+    np.testing.assert_array_equal(ia, ib)
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_unloadable_backends_say_what_to_install(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name == "torchcodec.decoders":
+            raise RuntimeError("Could not load libtorchcodec. Likely causes: FFmpeg is not properly installed ...")
+        if name == "decord":
+            raise ImportError("No module named 'decord'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(BackendUnavailable, match=r"torchcodec cannot load FFmpeg's libraries .*apt-get install ffmpeg"):
+        check_backend("torchcodec")
+    with pytest.raises(BackendUnavailable, match=r"pip install 'neighborretr\[decord\]'"):
+        check_backend("decord")
+    check_backend("pyav")  # bundles its own FFmpeg
+    with pytest.raises(ValueError, match="unknown video backend 'opencv'"):
+        check_backend("opencv")
 
 
 def write_counted_video(path, num_frames: int, fps: int = 25, gop: int = 12):
@@ -118,13 +155,14 @@ def counted(frames) -> list[int]:
 def test_backends_give_the_same_frames_with_b_frames_and_seeking(tmp_path, request_):
     path = write_counted_video(tmp_path / "v.mp4", num_frames=200)
     out = {}
-    for backend in ("decord", "pyav"):
+    for backend in AVAILABLE_BACKENDS:
         rng = np.random.default_rng(7)
         out[backend] = read_frames(path, 12, backend=backend, rng=rng, **request_)
-    (a, ia), (b, ib) = out["decord"], out["pyav"]
-    np.testing.assert_array_equal(ia, ib)
-    assert counted(a) == counted(b) == ia.tolist()  # the pixels are those of the requested frames
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    b, ib = out["pyav"]
+    for a, ia in out.values():
+        np.testing.assert_array_equal(ia, ib)
+        assert counted(a) == counted(b) == ia.tolist()  # the pixels are those of the requested frames
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
 def write_noisy_video(path, codec: str, options: dict, num_frames: int = 90):
@@ -250,3 +288,9 @@ def test_clip_frames_matches_torchvision_reference():
     x = TF.center_crop(TF.resize(x, 32, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [32, 32])
     reference = TF.normalize(x.float() / 255, CLIP_MEAN, CLIP_STD)
     torch.testing.assert_close(clip_frames(frames, 32), reference, atol=1e-5, rtol=0)
+
+
+def test_only_torchcodec_decodes_off_the_cpu(tmp_path):
+    path = write_numbered_video(tmp_path / "v.mp4", num_frames=4)
+    with pytest.raises(ValueError, match="decoding on cuda needs backend torchcodec"):
+        read_frames(path, 2, backend="pyav", device="cuda")
