@@ -190,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output-root", type=Path, default=Path("outputs/study"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/study"), help="folder for the tables")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="train nothing: tabulate the finished runs (rows say how many seeds)"
+    )
     return parser.parse_args(argv)
 
 
@@ -202,6 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
         for data in args.data:
             for variant in args.variants:
                 tic, name = time.time(), run_name(data, variant, seed)
+                if args.tables_only:
+                    done = finished(args.output_root, name)
+                    if done is not None:
+                        results[data, variant, seed] = json.loads(done.read_text())
+                    continue
                 results[data, variant, seed] = run_one(args.output_root, data, variant, seed, common)
                 minutes[name] = round((time.time() - tic) / 60, 2)
                 print(f"[study] {name}: {minutes[name]} min", flush=True)
@@ -210,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.md").write_text(text + "\n")
-    payload = {"common": common, "variants": VARIANTS, "minutes": minutes, "table": table}
+    payload = {"common": common, "variants": VARIANTS, "table": table}
+    if not args.tables_only:
+        payload["minutes"] = minutes
     (args.out / "study.json").write_text(json.dumps(payload, indent=1))
     return table
 

@@ -63,3 +63,19 @@ def test_every_variant_composes_and_sets_what_it_names(variant: str) -> None:
     for override in VARIANTS[variant][1:]:
         key, value = override.split("=")
         assert str(OmegaConf.select(cfg, key)).lower() == value.lower()
+
+
+def test_tables_only_reads_finished_runs_and_trains_nothing(tmp_path) -> None:
+    import json
+
+    from neighborretr_train.study import main
+
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"study_syn_infonce_s{seed}" / "2026-01-01_00-00-00"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"normalized": {"none": _rows(10.0 + seed, 1.0)}}))
+    args = ["--data", "syn", "--variants", "infonce", "neighborretr", "--seeds", "0", "1", "2", "--methods", "none"]
+    table = main([*args, "--output-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--tables-only"])
+    assert table["syn"]["infonce"]["none"]["t2v"]["R@1"] == [10.0, 11.0]  # seed 2 and neighborretr never ran
+    assert "neighborretr" not in table["syn"]
+    assert "| infonce | none | 2 | 10.50 ± 0.71 |" in (tmp_path / "out" / "study.md").read_text()
