@@ -262,26 +262,12 @@ def plot_k_occurrence(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    if not counts:
-        raise ValueError("counts is empty; give at least one method")
-    arrays = {name: _as_counts(c).detach().cpu().numpy() for name, c in _raw_first(counts).items()}
-    edges = _integer_bin_edges(max(int(a.max()) for a in arrays.values()))
     fig = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for name, values in arrays.items():
-        style = {"color": "black", "linewidth": 2.0} if name == "none" else {"linewidth": 1.6}
-        label = f"{name} (skew {skewness(torch.from_numpy(values)):.2f})"
-        ax.hist(values, bins=edges, histtype="step", label=label, **style)
-    if hub_factor > 0:
-        ax.axvline(
-            hub_factor * k, color="grey", linestyle="--", linewidth=1.0, label=f"hub threshold ({hub_factor:g}k)"
-        )
+    draw_k_occurrence(ax, counts, k, hub_factor=hub_factor, log_y=log_y, legend=False)
     ax.set_xlabel(f"$N_{{{k}}}$ (number of queries with the item in their top-{k})")
     ax.set_ylabel("number of gallery items")
-    if log_y:
-        ax.set_yscale("log")
     ax.set_title(title or f"k-occurrence distribution (k = {k})")
-    ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
