@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hubs.add_argument(
         "--test-generic-fraction", type=float, default=_KNOBS.test_generic_fraction, help="(default: %(default)s)"
     )
+    hubs.add_argument(
+        "--generic-caption-prob", type=float, default=_KNOBS.generic_caption_prob, help="(default: %(default)s)"
+    )
     hubs.add_argument("--attribute-skew", type=float, default=_KNOBS.attribute_skew, help="(default: %(default)s)")
     hubs.add_argument(
         "--duplicate-fraction", type=float, default=_KNOBS.duplicate_fraction, help="(default: %(default)s)"
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         knobs = HubKnobs(
             generic_fraction=args.generic_fraction,
             test_generic_fraction=args.test_generic_fraction,
+            generic_caption_prob=args.generic_caption_prob,
             attribute_skew=args.attribute_skew,
             duplicate_fraction=args.duplicate_fraction,
             vague_caption_prob=args.vague_caption_prob,

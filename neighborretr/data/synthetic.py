@@ -115,6 +115,7 @@ class ObjectSpec:
     size: int
     start: tuple[float, float]
     end: tuple[float, float]
+    direction: str = ""  # where it moves (captions of busy scenes may describe it); rendering uses start/end
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,14 @@ frequencies are skewed, near-duplicates compete, and captions vary in detail. Ea
 of these structures:
 
 - ``generic_fraction``: share of clips that are busy scenes: the main object plus ``generic_extra_objects``
-  more moving shapes, captioned without any attribute ("several shapes moving around"). Like the generic clips
-  of real data, a busy clip is pulled towards the middle of the caption space and contains a little of many
-  specific captions, so it is retrieved for many queries: the hubs of the video gallery.
+  more moving shapes. As annotators of a busy real clip each describe a different part of it, every caption of a
+  busy scene describes one of its objects, drawn at random (or, with ``generic_caption_prob``, none:
+  "several shapes moving around"). Training on such pairs pulls a busy clip towards many different captions at
+  once, i.e. towards the middle of the caption space, so it is retrieved for many queries: the hubs of the video
+  gallery.
+- ``generic_caption_prob``: probability that a caption of a busy scene names no attribute at all. At 1, busy
+  scenes form their own "generic" class that the model learns to keep apart from specific captions (few hubs:
+  our first version); lower values make busy scenes partial matches of many captions (strong hubs).
 - ``test_generic_fraction``: the share of busy scenes among the test clips. Kept small, so that the few generic
   clips of the gallery each draw many queries (a heavy right tail of N_k, as in real galleries).
 - ``attribute_skew``: Zipf exponent s of the colour, shape, direction and background frequencies (the r-th most
@@ -61,12 +66,19 @@ class HubKnobs:
     generic_fraction: float = 0.15
     test_generic_fraction: float = 0.03  # busy scenes among the test clips: few, so each draws many queries
     generic_extra_objects: tuple[int, int] = (2, 4)  # inclusive range of extra shapes in a busy scene
+    generic_caption_prob: float = 0.2  # share of a busy scene's captions that name no attribute
     attribute_skew: float = 1.0
     duplicate_fraction: float = 0.1
     vague_caption_prob: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("generic_fraction", "test_generic_fraction", "duplicate_fraction", "vague_caption_prob"):
+        for name in (
+            "generic_fraction",
+            "test_generic_fraction",
+            "generic_caption_prob",
+            "duplicate_fraction",
+            "vague_caption_prob",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -77,8 +89,8 @@ class HubKnobs:
             raise ValueError(f"generic_extra_objects must be (low, high) with 1 <= low <= high, got {(low, high)}")
 
 
-# Captions of busy scenes name no attribute at all: like "a video of people" in real data, they pull the clip's
-# embedding towards the middle of the caption space, where it is close to every query.
+# Attribute-free captions of busy scenes (a share `generic_caption_prob` of them), like "a video of people" in
+# real data.
 GENERIC_TEMPLATES: tuple[str, ...] = (
     "several shapes {verb_ing} around",
     "a few objects {verb_ing} across the frame",
@@ -150,7 +162,14 @@ def _object(rng: np.random.Generator, weights: dict[str, np.ndarray], frame_size
     direction = _draw(rng, DIRECTIONS, weights["direction"])
     size = max(3, round(frame_size * rng.uniform(*OBJECT_SIZE_RANGE)))
     start, end = _sample_trajectory(rng, direction, size, frame_size)
-    return ObjectSpec(color, shape, size, start, end)
+    return ObjectSpec(color, shape, size, start, end, direction)
+
+
+def busy_caption(rng: np.random.Generator, scene: list[dict[str, str]], knobs: HubKnobs) -> str:
+    """A caption of a busy scene: attribute-free with ``generic_caption_prob``, else one random object's caption."""
+    if rng.random() < knobs.generic_caption_prob:
+        return generic_caption(rng)
+    return specific_caption(rng, scene[rng.integers(len(scene))], knobs.vague_caption_prob)
 
 
 def sample_hub_spec(
@@ -179,8 +198,9 @@ def sample_hub_spec(
     if generic:
         low, high = knobs.generic_extra_objects
         others = tuple(_object(rng, weights, frame_size) for _ in range(rng.integers(low, high + 1)))
+    scene = [attrs, *({**attrs, "color": o.color, "shape": o.shape, "direction": o.direction} for o in others)]
     captions = tuple(
-        generic_caption(rng) if generic else specific_caption(rng, attrs, knobs.vague_caption_prob)
+        busy_caption(rng, scene, knobs) if generic else specific_caption(rng, attrs, knobs.vague_caption_prob)
         for _ in range(num_captions)
     )
     return ClipSpec(index, **attrs, size=size, start=start, end=end, captions=captions, others=others)

@@ -51,7 +51,7 @@ def _has(spec: ClipSpec) -> dict[str, set[str]]:
     return {
         "color": {o.color for o in objects},
         "shape": {o.shape for o in objects},
-        "direction": {spec.direction},  # the extra objects' directions are not kept in their specs
+        "direction": {o.direction for o in objects},
         "background": {spec.background},
     }
 
@@ -105,6 +105,23 @@ def test_skew_gives_the_documented_frequencies() -> None:
     weights = attribute_weights(seed=3, skew=1.0)["color"]
     assert sorted(weights, reverse=True) == pytest.approx(np.array([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6]) / 2.45)
     assert attribute_weights(seed=3, skew=0.0)["color"] == pytest.approx(np.full(6, 1 / 6))
+
+
+def test_busy_captions_describe_one_object_each_or_none() -> None:
+    knobs = replace(OFF, generic_fraction=1.0, generic_caption_prob=0.0)
+    specs = hub_specs(0, num_train=30, num_test=0, frame_size=32, captions_per_video=8, knobs=knobs)
+    described = set()
+    for spec in specs:
+        objects = {(o.color, o.shape, o.direction) for o in [spec, *spec.others]}
+        for caption in spec.captions:
+            named = _named(caption)
+            colour, shape, direction = (next(iter(named[a])) for a in ("color", "shape", "direction"))
+            assert (colour, shape, direction) in objects, caption  # one object, all three of its attributes
+            assert named["background"] == {spec.background}
+            described.add((spec.index, colour, shape, direction))
+    assert len(described) > 2 * len(specs)  # the captions of a scene spread over its objects
+    generic = hub_specs(0, 30, 0, 32, 8, replace(knobs, generic_caption_prob=1.0))
+    assert all(not any(_named(c).values()) for s in generic for c in s.captions)
 
 
 def test_busy_scene_renders_every_object() -> None:
