@@ -221,8 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = MODELS[args.model](False).to(device).eval()
     size = SIZES[args.size]
+    # the tiny models default to 32 words and 32 frames; ActivityNet's 64 x 64 needs longer position tables
+    sizes = (
+        {"context_length": max(32, size[2]), "max_frames": max(32, size[3])} if args.model in ("micro", "tiny") else {}
+    )
+    model = MODELS[args.model](False, **sizes).to(device).eval()
     row = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "size": args.size,

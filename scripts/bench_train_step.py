@@ -45,7 +45,7 @@ from neighborretr.train_step import TrainStep, backward_step
 
 MODELS = {
     # micro: the smallest model that builds, for smoke runs and tests of the scripts themselves
-    "micro": lambda high_level: tiny(
+    "micro": lambda high_level, **sizes: tiny(
         image_size=32,
         patch_size=16,
         width=32,
@@ -54,8 +54,10 @@ MODELS = {
         layers=1,
         temporal_layers=1,
         high_level=high_level,
+        **sizes,
     ),
-    "tiny": lambda high_level: tiny(high_level=high_level),
+    # **sizes: context_length / max_frames for inputs longer than the tiny defaults (32 words, 32 frames)
+    "tiny": lambda high_level, **sizes: tiny(high_level=high_level, **sizes),
     "vit_b32": lambda high_level: open_clip_model("ViT-B-32", high_level=high_level),
     "vit_b16": lambda high_level: open_clip_model("ViT-B-16", high_level=high_level),
 }
