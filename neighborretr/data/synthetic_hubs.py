@@ -64,12 +64,12 @@ class HubKnobs:
     """The structures that breed hubs; see the module docstring. All zero = no added structure."""
 
     generic_fraction: float = 0.15
-    test_generic_fraction: float = 0.03  # busy scenes among the test clips: few, so each draws many queries
+    test_generic_fraction: float = 0.05  # busy scenes among the test clips: few, so each draws many queries
     generic_extra_objects: tuple[int, int] = (2, 4)  # inclusive range of extra shapes in a busy scene
     generic_caption_prob: float = 0.2  # share of a busy scene's captions that name no attribute
-    attribute_skew: float = 1.0
+    attribute_skew: float = 0.75
     duplicate_fraction: float = 0.1
-    vague_caption_prob: float = 0.3
+    vague_caption_prob: float = 0.2
 
     def __post_init__(self) -> None:
         for name in (
