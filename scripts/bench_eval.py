@@ -217,6 +217,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+TABLE_HEADER = """# Evaluation speed (encoding and token-wise similarity)
+
+Written by `scripts/bench_eval.py ... --table docs/results/eval_speed.md` from every row of
+`benchmarks/eval_speed.jsonl`. Random inputs and random-weight models; video decoding is not included. Commands:
+
+    python scripts/bench_eval.py --size msrvtt --model tiny --compare-reference \\
+        --table docs/results/eval_speed.md
+    python scripts/bench_eval.py --size msrvtt --model vit_b32 --compare-reference \\
+        --table docs/results/eval_speed.md
+    python scripts/bench_eval.py --size activitynet --model tiny --row-blocks 4 \\
+        --table docs/results/eval_speed.md
+    python scripts/bench_eval.py --size activitynet --model vit_b32 --row-blocks 2 \\
+        --compare-reference --encode-items 16 --encode-batch 8 \\
+        --table docs/results/eval_speed.md
+
+The GPU column is an estimate from FLOP and byte counts at 50% of the datasheet peaks, never a measurement; the
+measured GPU figure for 1k x 1k comes from `scripts/gpu_check.py`. Each row's date and machine are in its JSON line.
+
+"""
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -252,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         f.write(json.dumps(row) + "\n")
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(markdown([json.loads(line) for line in args.out.read_text().splitlines() if line]))
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
+        args.table.write_text(TABLE_HEADER + markdown(rows))
     return row
 
 

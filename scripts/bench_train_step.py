@@ -377,6 +377,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+TABLE_HEADER = """# Training step: NeighborRetr beside InfoNCE, with the time breakdown
+
+Written by `scripts/bench_train_step.py ... --table docs/results/train_step.md` from every row of
+`benchmarks/train_step.jsonl` (rows from before the breakdown existed are left out). Each run times both losses
+with the recipe's objects (BertAdam as the paper, NeighborRetr's bank filled with `--memory-size` items). Commands:
+
+    python scripts/bench_train_step.py --model tiny --batch 64 --frames 12 --words 24 --cpu \\
+        --table docs/results/train_step.md
+    python scripts/bench_train_step.py --model vit_b32 --batch 24 --frames 12 --words 24 \\
+        --steps 2 --warmup 1 --breakdown-steps 1 --cpu \\
+        --table docs/results/train_step.md
+    # on one GPU: the ViT-B/32 step at batch 32 and 128 in bf16 (docs/results/gpu_check.md)
+    python scripts/gpu_check.py
+
+Each row's date and full machine string are in its JSON line.
+
+"""
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.precision, cpu=args.cpu)
@@ -390,7 +409,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(markdown([json.loads(line) for line in args.out.read_text().splitlines() if line]))
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
+        args.table.write_text(TABLE_HEADER + markdown(rows))
     return rows
 
 
