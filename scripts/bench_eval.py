@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         f.write(json.dumps(row) + "\n")
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
-        args.table.write_text(TABLE_HEADER + markdown(rows))
+        every_row = [json.loads(line) for line in args.out.read_text().splitlines() if line]
+        args.table.write_text(TABLE_HEADER + markdown(every_row))
     return row
 
 

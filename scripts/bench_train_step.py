@@ -409,8 +409,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line]
-        args.table.write_text(TABLE_HEADER + markdown(rows))
+        every_row = [json.loads(line) for line in args.out.read_text().splitlines() if line]
+        args.table.write_text(TABLE_HEADER + markdown(every_row))
     return rows
 
 
