@@ -71,6 +71,7 @@ def test_flops_are_counted_alike_on_the_attention_fast_path():
     assert torch.backends.mha.get_fastpath_enabled()  # switched back on (a plain count in eval mode gives 561,152
     # FLOPs here instead of 643,072: the fused attention op is not counted)
 
+
 def test_inputs_longer_than_the_tiny_defaults_get_longer_position_tables(tmp_path, monkeypatch):
     # ActivityNet's 64 words x 64 frames exceed the micro/tiny model's 32-token context and 32 frame positions
     monkeypatch.setitem(bench.SIZES, "long", (6, 5, 40, 36))
