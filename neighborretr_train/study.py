@@ -86,7 +86,9 @@ def run_one(output_root: Path, data: str, variant: str, seed: int, common: list[
         overrides += [f"run_name={name}", f"output_root={output_root}"]
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose("train", overrides)
-        if data in GENERATORS:  # the built-in sets are made on first use (and reused after)
+        # The built-in sets are made on first use at their default size. A folder that holds a generated set is used
+        # as it is: it may have been made with other sizes (e.g. --num-test 1000), which regenerating would undo.
+        if data in GENERATORS and not (Path(cfg.data.root) / "synthetic_meta.json").is_file():
             GENERATORS[data](cfg.data.root, progress=False)
         try:
             train(cfg)

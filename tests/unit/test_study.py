@@ -79,3 +79,27 @@ def test_tables_only_reads_finished_runs_and_trains_nothing(tmp_path) -> None:
     assert table["syn"]["infonce"]["none"]["t2v"]["R@1"] == [10.0, 11.0]  # seed 2 and neighborretr never ran
     assert "neighborretr" not in table["syn"]
     assert "| infonce | none | 2 | 10.50 ± 0.71 |" in (tmp_path / "out" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("already_made", [False, True])
+def test_a_generated_set_is_made_when_missing_and_never_remade(tmp_path, monkeypatch, already_made) -> None:
+    import json
+
+    from neighborretr_train import study
+
+    root = tmp_path / "data"
+    if already_made:  # e.g. made by `neighborretr-make-synthetic --hubs --num-test 1000`: other sizes than the default
+        root.mkdir()
+        (root / "synthetic_meta.json").write_text("{}")
+    made = []
+    monkeypatch.setitem(study.GENERATORS, "synthetic_hubs", lambda path, progress: made.append(str(path)))
+
+    def fake_train(cfg) -> None:
+        run = tmp_path / "runs" / cfg.run_name / "2026-01-01_00-00-00"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"seed": cfg.seed}))
+
+    monkeypatch.setattr(study, "train", fake_train)
+    result = study.run_one(tmp_path / "runs", "synthetic_hubs", "infonce", 3, [*CPU_COMMON, f"data.root={root}"])
+    assert result == {"seed": 3}
+    assert made == ([] if already_made else [str(root)])
