@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields, replace
 
 from neighborretr.data.synthetic import generate_synthetic_msrvtt
 from neighborretr.data.synthetic_hubs import HubKnobs, generate_hub_prone_msrvtt
 
 _KNOBS = HubKnobs()
+_FLOAT_KNOBS = [f.name for f in fields(HubKnobs) if isinstance(getattr(_KNOBS, f.name), float)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,20 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
     hubs = parser.add_argument_group("hub-prone variant (neighborretr/data/synthetic_hubs.py explains each knob)")
     hubs.add_argument("--hubs", action="store_true", help="generate the hub-prone variant")
-    hubs.add_argument("--generic-fraction", type=float, default=_KNOBS.generic_fraction, help="(default: %(default)s)")
-    hubs.add_argument(
-        "--test-generic-fraction", type=float, default=_KNOBS.test_generic_fraction, help="(default: %(default)s)"
-    )
-    hubs.add_argument(
-        "--generic-caption-prob", type=float, default=_KNOBS.generic_caption_prob, help="(default: %(default)s)"
-    )
-    hubs.add_argument("--attribute-skew", type=float, default=_KNOBS.attribute_skew, help="(default: %(default)s)")
-    hubs.add_argument(
-        "--duplicate-fraction", type=float, default=_KNOBS.duplicate_fraction, help="(default: %(default)s)"
-    )
-    hubs.add_argument(
-        "--vague-caption-prob", type=float, default=_KNOBS.vague_caption_prob, help="(default: %(default)s)"
-    )
+    for knob in _FLOAT_KNOBS:  # one flag per number-valued knob, named after it
+        default = getattr(_KNOBS, knob)
+        hubs.add_argument(f"--{knob.replace('_', '-')}", type=float, default=default, help="(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
 
@@ -70,14 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "progress": not args.no_progress,
     }
     if args.hubs:
-        knobs = HubKnobs(
-            generic_fraction=args.generic_fraction,
-            test_generic_fraction=args.test_generic_fraction,
-            generic_caption_prob=args.generic_caption_prob,
-            attribute_skew=args.attribute_skew,
-            duplicate_fraction=args.duplicate_fraction,
-            vague_caption_prob=args.vague_caption_prob,
-        )
+        knobs = replace(_KNOBS, **{knob: getattr(args, knob) for knob in _FLOAT_KNOBS})
         summary = generate_hub_prone_msrvtt(knobs=knobs, **common)
     else:
         summary = generate_synthetic_msrvtt(**common)

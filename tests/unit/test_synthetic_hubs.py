@@ -150,3 +150,19 @@ def test_written_folder_records_the_knobs_and_regenerates_when_they_change(tmp_p
     assert not generate_hub_prone_msrvtt(tmp_path, ON, workers=1, progress=False, **kwargs)["regenerated"]
     changed = replace(ON, vague_caption_prob=0.0)
     assert generate_hub_prone_msrvtt(tmp_path, changed, workers=1, progress=False, **kwargs)["regenerated"]
+
+
+def test_every_number_knob_has_a_flag_that_reaches_the_written_set(tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from neighborretr_train.make_synthetic import main
+
+    numbers = [f.name for f in fields(HubKnobs) if isinstance(getattr(ON, f.name), float)]
+    flags = [arg for i, knob in enumerate(numbers) for arg in (f"--{knob.replace('_', '-')}", str(0.05 + 0.1 * i))]
+    sizes = ["--num-train", "4", "--num-test", "3", "--frame-size", "32", "--num-frames", "4", "--workers", "1"]
+    main(["--hubs", "--root", str(tmp_path), *sizes, *flags, "--no-progress"])
+    written = json.loads((tmp_path / "synthetic_meta.json").read_text())["params"]["hubs"]
+    assert {knob: written[knob] for knob in numbers} == pytest.approx(
+        {knob: 0.05 + 0.1 * i for i, knob in enumerate(numbers)}
+    )
+    assert len(numbers) == 6
