@@ -2,7 +2,7 @@
 
     neighborretr-make-synthetic                            # 1000 train / 200 test clips into data/synthetic
     neighborretr-make-synthetic --root /tmp/tiny --num-train 32 --num-test 16
-    neighborretr-make-synthetic --hubs --root data/synthetic_hubs   # the hub-prone variant (data=synthetic_hubs)
+    neighborretr-make-synthetic --hubs                     # the hub-prone variant: 1000 / 1000 into data/synthetic_hubs
 
 Re-running with the same settings returns at once; any changed setting regenerates the folder.
 """
@@ -23,9 +23,12 @@ _FLOAT_KNOBS = [f.name for f in fields(HubKnobs) if isinstance(getattr(_KNOBS, f
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags, one per argument of ``generate_synthetic_msrvtt``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="data/synthetic", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--root", default=None, help="output folder (default: data/synthetic, with --hubs data/synthetic_hubs)"
+    )
     parser.add_argument("--num-train", type=int, default=1000, help="train clips (default: %(default)s)")
-    parser.add_argument("--num-test", type=int, default=200, help="test clips (default: %(default)s)")
+    # The hub-prone set's default gallery is MSR-VTT 1k-A size: at 200 clips a model that learns shows little hubness.
+    parser.add_argument("--num-test", type=int, default=None, help="test clips (default: 200, with --hubs 1000)")
     parser.add_argument(
         "--captions-per-video", type=int, default=5, help="captions per train clip (default: %(default)s)"
     )
@@ -48,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Generate the dataset and print its summary as JSON."""
     args = parse_args(argv)
-    common = {
-        "root": args.root,
+    settings = {
+        "root": args.root or ("data/synthetic_hubs" if args.hubs else "data/synthetic"),
         "num_train": args.num_train,
         "num_test": args.num_test,
         "captions_per_video": args.captions_per_video,
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": args.workers,
         "progress": not args.no_progress,
     }
+    common = {name: value for name, value in settings.items() if value is not None}  # None: the generator's default
     if args.hubs:
         knobs = replace(_KNOBS, **{knob: getattr(args, knob) for knob in _FLOAT_KNOBS})
         summary = generate_hub_prone_msrvtt(knobs=knobs, **common)

@@ -166,3 +166,25 @@ def test_every_number_knob_has_a_flag_that_reaches_the_written_set(tmp_path: Pat
         {knob: 0.05 + 0.1 * i for i, knob in enumerate(numbers)}
     )
     assert len(numbers) == 6
+
+
+def test_the_cli_defaults_give_the_hub_prone_set_its_folder_and_a_1k_test_gallery(monkeypatch) -> None:
+    import inspect
+
+    import neighborretr_train.make_synthetic as cli
+    from neighborretr.data.synthetic import generate_synthetic_msrvtt
+
+    calls = []
+    monkeypatch.setattr(cli, "generate_hub_prone_msrvtt", lambda **kw: calls.append(("hubs", kw)) or {})
+    monkeypatch.setattr(cli, "generate_synthetic_msrvtt", lambda **kw: calls.append(("plain", kw)) or {})
+    cli.main(["--hubs"])
+    cli.main([])
+    cli.main(["--hubs", "--num-test", "7", "--root", "x"])
+    (hubs, default_hubs), (plain, default_plain), (_, explicit) = calls
+    assert (hubs, plain) == ("hubs", "plain")
+    assert default_hubs["root"] == "data/synthetic_hubs" and default_plain["root"] == "data/synthetic"
+    # sizes left unset reach each generator as its own default: 1,000 test clips for the hub-prone set, 200 plain
+    assert "num_test" not in default_hubs and "num_test" not in default_plain
+    assert inspect.signature(generate_hub_prone_msrvtt).parameters["num_test"].default == 1000
+    assert inspect.signature(generate_synthetic_msrvtt).parameters["num_test"].default == 200
+    assert explicit["num_test"] == 7 and explicit["root"] == "x"  # explicit values still win
