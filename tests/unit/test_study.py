@@ -65,6 +65,24 @@ def test_every_variant_composes_and_sets_what_it_names(variant: str) -> None:
         assert str(OmegaConf.select(cfg, key)).lower() == value.lower()
 
 
+@pytest.mark.parametrize(
+    ("data", "common", "epochs"),
+    [
+        ("synthetic", CPU_COMMON, 2),
+        ("synthetic_hubs", CPU_COMMON, 5),  # its 1,000-clip gallery needs 5 epochs to learn past its hubs
+        ("synthetic_hubs", [*CPU_COMMON, "trainer.epochs=1"], 1),  # an explicit --common value wins
+        ("msrvtt", ["experiment=msrvtt_vitb32"], 5),  # a real benchmark keeps its experiment's epochs
+    ],
+)
+def test_each_run_trains_its_sets_epochs_unless_common_says_otherwise(data, common, epochs, tmp_path) -> None:
+    from neighborretr_train.study import run_overrides
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", run_overrides(tmp_path, data, "infonce", 0, common))
+    assert cfg.trainer.epochs == epochs
+    assert cfg.run_name == f"study_{data}_infonce_s0" and cfg.seed == 0 and cfg.output_root == str(tmp_path)
+
+
 def test_tables_only_reads_finished_runs_and_trains_nothing(tmp_path) -> None:
     import json
 
