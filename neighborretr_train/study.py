@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.md").write_text(text + "\n")
-    payload = {"common": common, "epochs_per_set": CPU_EPOCHS, "variants": VARIANTS, "table": table}
-    if not args.tables_only:
-        payload["minutes"] = minutes
+    payload = {"variants": VARIANTS, "table": table}
+    if not args.tables_only:  # a tabulation trained nothing: its settings need not be the runs' own
+        payload |= {"common": common, "epochs_per_set": CPU_EPOCHS, "minutes": minutes}
     (args.out / "study.json").write_text(json.dumps(payload, indent=1))
     return table
 

@@ -97,6 +97,8 @@ def test_tables_only_reads_finished_runs_and_trains_nothing(tmp_path) -> None:
     assert table["syn"]["infonce"]["none"]["t2v"]["R@1"] == [10.0, 11.0]  # seed 2 and neighborretr never ran
     assert "neighborretr" not in table["syn"]
     assert "| infonce | none | 2 | 10.50 ± 0.71 |" in (tmp_path / "out" / "study.md").read_text()
+    # the tabulating command's settings are not the runs' own: study.json claims none
+    assert json.loads((tmp_path / "out" / "study.json").read_text()).keys() == {"variants", "table"}
 
 
 @pytest.mark.parametrize("already_made", [False, True])
