@@ -26,8 +26,10 @@ demo: $(STAMP)
 	$(BIN)/python scripts/make_synthetic.py
 	WANDB_MODE=offline $(BIN)/python scripts/train.py experiment=synthetic_tiny
 
+# One pytest worker per core, at most 4 (each holds its own torch); loadgroup keeps tests that share a folder
+# of the checkout (the wheel build) on one worker.
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

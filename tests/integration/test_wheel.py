@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import NEIGHBORRETR, ROOT, TINY_OVERRIDES
 
-pytestmark = pytest.mark.integration
+# one worker builds the wheel: `pip wheel` of the checkout writes its build/ folder
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("wheel")]
 
 
 @pytest.fixture(scope="module")
