@@ -6,7 +6,8 @@ and the paired comparison against InfoNCE.
     neighborretr-study --data msrvtt --common experiment=msrvtt_vitb32 data.root=/data/msrvtt --seeds 0 1 2
 
 Each run is the training recipe's in-process `train(cfg)` with the overrides of its variant (VARIANTS), `seed=<s>`
-and `data=<set>`; a run whose results.json exists is read, not retrained, so an interrupted study continues
+and `data=<set>`; the built-in sets also get their epochs (CPU_EPOCHS: plain 2, hub-prone 5) unless --common sets
+trainer.epochs; a run whose results.json exists is read, not retrained, so an interrupted study continues
 where it stopped. Runs land in `<output-root>/study_<set>_<variant>_s<seed>/<timestamp>/`.
 """
 
