@@ -94,7 +94,7 @@ def run_one(output_root: Path, data: str, variant: str, seed: int, common: list[
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose("train", run_overrides(output_root, data, variant, seed, common))
         # The built-in sets are made on first use at their default size. A folder that holds a generated set is used
-        # as it is: it may have been made with other sizes (e.g. --num-test 1000), which regenerating would undo.
+        # as it is: it may have been made with other sizes (e.g. --num-test 200), which regenerating would undo.
         if data in GENERATORS and not (Path(cfg.data.root) / "synthetic_meta.json").is_file():
             GENERATORS[data](cfg.data.root, progress=False)
         try:

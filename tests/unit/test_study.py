@@ -108,7 +108,7 @@ def test_a_generated_set_is_made_when_missing_and_never_remade(tmp_path, monkeyp
     from neighborretr_train import study
 
     root = tmp_path / "data"
-    if already_made:  # e.g. made by `neighborretr-make-synthetic --hubs --num-test 1000`: other sizes than the default
+    if already_made:  # e.g. made by `neighborretr-make-synthetic --hubs --num-test 200`: other sizes than the default
         root.mkdir()
         (root / "synthetic_meta.json").write_text("{}")
     made = []
