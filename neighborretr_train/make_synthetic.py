@@ -18,6 +18,7 @@ from neighborretr.data.synthetic_hubs import HubKnobs, generate_hub_prone_msrvtt
 
 _KNOBS = HubKnobs()
 _FLOAT_KNOBS = [f.name for f in fields(HubKnobs) if isinstance(getattr(_KNOBS, f.name), float)]
+_GENERATOR_ARGS = ["num_train", "num_test", "captions_per_video", "frame_size", "num_frames", "fps", "seed", "workers"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,19 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Generate the dataset and print its summary as JSON."""
     args = parse_args(argv)
-    settings = {
-        "root": args.root or ("data/synthetic_hubs" if args.hubs else "data/synthetic"),
-        "num_train": args.num_train,
-        "num_test": args.num_test,
-        "captions_per_video": args.captions_per_video,
-        "frame_size": args.frame_size,
-        "num_frames": args.num_frames,
-        "fps": args.fps,
-        "seed": args.seed,
-        "workers": args.workers,
-        "progress": not args.no_progress,
-    }
-    common = {name: value for name, value in settings.items() if value is not None}  # None: the generator's default
+    # These flags share the generators' argument names; one left unset (None) takes that generator's default.
+    given = {name: getattr(args, name) for name in _GENERATOR_ARGS if getattr(args, name) is not None}
+    root = args.root or ("data/synthetic_hubs" if args.hubs else "data/synthetic")
+    common = {"root": root, **given, "progress": not args.no_progress}
     if args.hubs:
         knobs = replace(_KNOBS, **{knob: getattr(args, knob) for knob in _FLOAT_KNOBS})
         summary = generate_hub_prone_msrvtt(knobs=knobs, **common)
